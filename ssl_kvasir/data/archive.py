@@ -1,0 +1,312 @@
+"""Reading an image archive: the HyperKvasir layout, a generic image-folder layout, and split files.
+
+Both sources produce one :class:`Catalog`: a table of every image with its path relative to the archive
+root, its class index (-1 when unlabeled) and its fold (-1 when unlabeled or not in the split), plus the
+list of problems found on the way. Nothing is silently dropped: whatever does not fit is listed in
+``Catalog.problems`` so that ``ssl-kvasir check`` can report it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
+from ssl_kvasir.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+LABELED_DIR = "labeled-images"
+UNLABELED_DIR = "unlabeled-images/images"
+SPLIT_HEADER = ("file-name", "class-name", "split-index")
+
+
+@dataclass
+class Catalog:
+    """Every image of an archive.
+
+    Attributes:
+        root: the archive root; ``images.path`` is relative to it.
+        classes: the class table; ``images.label`` indexes it.
+        images: one row per image with columns ``filename``, ``path``, ``label`` (-1 = unlabeled) and
+            ``fold`` (-1 = unlabeled, or labeled but absent from the split). Labeled rows come first.
+        n_folds: number of folds in the split.
+        problems: everything that did not fit, one readable sentence each.
+    """
+
+    root: Path
+    classes: ClassTable
+    images: pd.DataFrame
+    n_folds: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> pd.DataFrame:
+        return self.images[self.images.label >= 0]
+
+    @property
+    def unlabeled(self) -> pd.DataFrame:
+        return self.images[self.images.label < 0]
+
+    def summary(self) -> dict:
+        """Counts per class and per fold, as ``ssl-kvasir check --json`` prints them."""
+        lab = self.labeled
+        in_split = lab[lab.fold >= 0]
+        per_class = np.bincount(in_split.label, minlength=len(self.classes))
+        per_fold = np.bincount(in_split.fold, minlength=self.n_folds)
+        return {
+            "root": str(self.root),
+            "labeled": int(len(in_split)),
+            "unlabeled": int(len(self.unlabeled)),
+            "classes": {c.folder: int(n) for c, n in zip(self.classes, per_class, strict=True)},
+            "folds": {str(k): int(n) for k, n in enumerate(per_fold)},
+            "problems": list(self.problems),
+        }
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def scan_hyperkvasir(root: Path, classes: ClassTable = HYPERKVASIR_CLASSES) -> tuple[pd.DataFrame, list[str]]:
+    """Find every image of a HyperKvasir archive.
+
+    Labeled images are ``labeled-images/<tract>/<category>/<class-folder>/<name>.jpg`` (the class comes from
+    the folder; either spelling is accepted), unlabeled ones ``unlabeled-images/images/<name>.jpg``.
+
+    Returns:
+        a frame with ``filename, path, label`` (label -1 = unlabeled) and the problems found.
+
+    Raises:
+        DataError: when ``root`` has no ``labeled-images`` folder.
+    """
+    root = Path(root)
+    labeled_root = root / LABELED_DIR
+    if not labeled_root.is_dir():
+        raise DataError(
+            f"{root} is not a HyperKvasir archive: there is no {LABELED_DIR}/ folder in it "
+            f"(expected {LABELED_DIR}/<tract>/<category>/<class>/<image>.jpg and {UNLABELED_DIR}/<image>.jpg; "
+            "for another layout use data.source=folder)"
+        )
+    rows, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(labeled_root):
+        dirnames.sort()
+        images = sorted(f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+        if not images:
+            continue
+        folder = Path(dirpath)
+        rel_dir = folder.relative_to(root).as_posix()
+        if folder.name not in classes:
+            problems.append(f"unknown class folder {rel_dir} ({len(images)} images skipped)")
+            continue
+        label = classes.index(folder.name)
+        rows += [(name, f"{rel_dir}/{name}", label) for name in images]
+    unlabeled_dir = root / UNLABELED_DIR
+    if unlabeled_dir.is_dir():
+        rows += [(p.name, f"{UNLABELED_DIR}/{p.name}", -1) for p in _list_images(unlabeled_dir)]
+    if not unlabeled_dir.is_dir() or not any(r[2] < 0 for r in rows):
+        problems.append(f"no unlabeled images in {unlabeled_dir}")
+    return pd.DataFrame(rows, columns=["filename", "path", "label"]), problems
+
+
+def scan_folder(root: Path, unlabeled_root: Path | None = None) -> tuple[pd.DataFrame, ClassTable, list[str]]:
+    """Find every image of a generic image-folder data set: ``root/<class>/<image>`` labeled, images directly
+    in ``unlabeled_root`` unlabeled. Classes are the sub-folders of ``root`` in sorted order.
+
+    Paths are relative to the common folder of ``root`` and ``unlabeled_root``, which becomes the catalog's
+    root, so that every path stays inside the data the user pointed at.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    classes = ClassTable.from_names(p.name for p in class_dirs)
+    base = Path(os.path.commonpath([root, unlabeled_root])) if unlabeled_root else root
+    rows, problems = [], []
+    for label, d in enumerate(class_dirs):
+        images = _list_images(d)
+        if not images:
+            problems.append(f"class folder {d} holds no images")
+        rows += [(p.name, p.relative_to(base).as_posix(), label) for p in images]
+    if unlabeled_root is not None:
+        unlabeled_root = Path(unlabeled_root)
+        if not unlabeled_root.is_dir():
+            raise DataError(f"data.unlabeled_root {unlabeled_root} is not a folder")
+        unlabeled = _list_images(unlabeled_root)
+        if not unlabeled:
+            problems.append(f"no unlabeled images in {unlabeled_root}")
+        rows += [(p.name, p.relative_to(base).as_posix(), -1) for p in unlabeled]
+    return pd.DataFrame(rows, columns=["filename", "path", "label"]), classes, problems
+
+
+def read_split_file(path: Path, classes: ClassTable) -> pd.DataFrame:
+    """Read an official split file: ``file-name;class-name;split-index``, any number of folds.
+
+    Class names may use either spelling. File names must be bare (no folder, no ``..``).
+
+    Returns:
+        a frame with ``filename``, ``label`` and ``fold``.
+
+    Raises:
+        DataError: naming the file and line, for a wrong delimiter or header, an unknown class, a bad fold
+            index, a file name with a path in it, or a file name listed twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=";")
+        header = tuple(h.strip() for h in next(reader, ()))
+        if header != SPLIT_HEADER:
+            raise DataError(
+                f"{path}: header is {';'.join(header) or '(empty)'!r}; a split file is ';'-delimited with the "
+                f"header {';'.join(SPLIT_HEADER)!r}"
+            )
+        rows, seen = [], {}
+        for lineno, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            if len(fields) != 3:
+                raise DataError(f"{path}:{lineno}: expected 3 ';'-separated fields, got {len(fields)}: {fields!r}")
+            name, cls, fold = (x.strip() for x in fields)
+            if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
+                raise DataError(f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders, no '..')")
+            if name in seen:
+                raise DataError(f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})")
+            seen[name] = lineno
+            try:
+                label = classes.index(cls)
+            except KeyError as e:
+                raise DataError(f"{path}:{lineno}: {e.args[0]}") from None
+            if not fold.isdigit():
+                raise DataError(f"{path}:{lineno}: split-index {fold!r} is not a non-negative integer")
+            rows.append((name, label, int(fold)))
+    if not rows:
+        raise DataError(f"{path}: the split file lists no images")
+    return pd.DataFrame(rows, columns=["filename", "label", "fold"])
+
+
+def write_split_file(path: Path, filenames, labels, folds, classes: ClassTable) -> None:
+    """Write a split file in the official format (split-file spellings of the class names)."""
+    from ssl_kvasir.io import atomic_write_text
+
+    lines = [";".join(SPLIT_HEADER)]
+    lines += [f"{n};{classes[int(y)].split_name};{int(k)}" for n, y, k in zip(filenames, labels, folds, strict=True)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Seeded stratified fold assignment: each class is shuffled and dealt round-robin over the folds."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        # The round-robin start rotates between classes so small classes do not all favour fold 0.
+        folds[idx] = (np.arange(len(idx)) + offset) % n_folds
+        offset += len(idx)
+    return folds
+
+
+def join_split(images: pd.DataFrame, split: pd.DataFrame, split_path: Path, classes: ClassTable) -> tuple[pd.DataFrame, list[str]]:
+    """Attach folds from a split file to scanned images, joining by file name; report what does not fit."""
+    problems = []
+    lab = images[images.label >= 0]
+    dup = lab.filename[lab.filename.duplicated(keep=False)]
+    for name in sorted(set(dup)):
+        where = ", ".join(lab.path[lab.filename == name])
+        problems.append(f"duplicate file name {name} in several class folders ({where}); all copies left out")
+    fold_of = dict(zip(split.filename, split.fold, strict=True))
+    label_of = dict(zip(split.filename, split.label, strict=True))
+    dup_names = set(dup)
+    folds = np.array(
+        [-1 if (y < 0 or n in dup_names) else fold_of.get(n, -1) for n, y in zip(images.filename, images.label, strict=True)]
+    )
+    images = images.assign(fold=folds)
+    missing = lab.filename[~lab.filename.isin(fold_of.keys())]
+    if len(missing):
+        shown = ", ".join(missing.iloc[:5])
+        problems.append(
+            f"{len(missing)} labeled images are not in the split file {split_path} and are left out: {shown}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    have = set(lab.filename)
+    orphans = split.filename[~split.filename.isin(have)]
+    if len(orphans):
+        shown = ", ".join(orphans.iloc[:5])
+        problems.append(
+            f"{len(orphans)} entries of {split_path} have no image in the archive: {shown}" + (" ..." if len(orphans) > 5 else "")
+        )
+    in_split = images[(images.fold >= 0)]
+    disagree = in_split[in_split.label.to_numpy() != in_split.filename.map(label_of).to_numpy()]
+    for _, r in disagree.iterrows():
+        problems.append(
+            f"{r.path}: folder says {classes[r.label].folder}, {split_path} says "
+            f"{classes[label_of[r.filename]].folder}; the image is left out"
+        )
+    if len(disagree):
+        images.loc[disagree.index, "fold"] = -1
+    return images, problems
+
+
+def load_catalog(
+    root: Path,
+    source: str = "hyperkvasir",
+    split_file: Path | None = None,
+    generate_folds: int | None = None,
+    fold_seed: int = 0,
+    unlabeled_root: Path | None = None,
+) -> Catalog:
+    """Scan an archive and attach its folds.
+
+    Args:
+        root: archive root (``hyperkvasir``) or labeled class-folder root (``folder``).
+        source: ``hyperkvasir`` or ``folder``.
+        split_file: a split file in the official format. Required unless ``generate_folds`` is set.
+        generate_folds: generate this many seeded stratified folds instead of reading a split file. This must
+            be asked for: without a split file and without it, loading fails.
+        fold_seed: seed of the generated folds.
+        unlabeled_root: the unlabeled image folder of a ``folder`` source.
+    """
+    root = Path(root)
+    if source == "hyperkvasir":
+        classes = HYPERKVASIR_CLASSES
+        images, problems = scan_hyperkvasir(root, classes)
+    elif source == "folder":
+        images, classes, problems = scan_folder(root, unlabeled_root)
+        if unlabeled_root is not None:
+            root = Path(os.path.commonpath([root, unlabeled_root]))
+    else:
+        raise DataError(f"unknown data source {source!r}; valid sources: hyperkvasir, folder")
+    if split_file is not None and generate_folds:
+        raise DataError("give either a split file (data.split_file) or data.generate_folds, not both")
+    if split_file is not None:
+        split = read_split_file(Path(split_file), classes)
+        images, join_problems = join_split(images, split, Path(split_file), classes)
+        problems += join_problems
+        n_folds = int(split.fold.max()) + 1
+    elif generate_folds:
+        if generate_folds < 2:
+            raise DataError(f"data.generate_folds must be at least 2, got {generate_folds}")
+        labeled = images.label.to_numpy() >= 0
+        folds = np.full(len(images), -1)
+        folds[labeled] = stratified_folds(images.label.to_numpy()[labeled], generate_folds, fold_seed)
+        images = images.assign(fold=folds)
+        n_folds = generate_folds
+    else:
+        raise DataError(
+            f"no split file for {root}: pass data.split_file=FILE (the official 2_fold_split.csv for HyperKvasir), "
+            "or ask for seeded stratified folds explicitly with data.generate_folds=N"
+        )
+    images = images.sort_values("label", key=lambda s: s < 0, kind="stable").reset_index(drop=True)
+    return Catalog(root=root, classes=classes, images=images, n_folds=n_folds, problems=problems)
