@@ -59,8 +59,222 @@ def _print_check(summary: dict) -> None:
         console.print("[green]no problems found[/green]")
 
 
+def _baselines(argv: list[str]) -> int:
+    from ssl_kvasir.baselines import split_file_baselines
+    from ssl_kvasir.report import TABLE_METRICS, baseline_rows, render_markdown
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir baselines",
+        description="The paper's majority-class and random-guessing rows from a split file.",
+    )
+    p.add_argument(
+        "--split-file",
+        type=Path,
+        required=True,
+        help="official split file (file-name;class-name;split-index)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=100, help="repeats of random guessing to average (default 100)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first repeat (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("--seeds must be at least 1")
+    baselines = split_file_baselines(a.split_file, seed=a.seed, n_repeats=a.seeds)
+    rows = baseline_rows(baselines)
+    if a.json:
+        out = {
+            r.system: {
+                "ours": r.ours,
+                "std": None if b.std is None else {k: b.std[k] for k in TABLE_METRICS},
+                "paper": r.paper,
+                "diff": r.diff,
+                "repeats": r.n_runs,
+                "folds": list(r.folds),
+            }
+            for b, r in zip(baselines, rows, strict=True)
+        }
+        print(json.dumps({"split_file": str(a.split_file), "seed": a.seed, "rows": out}, indent=2))
+    else:
+        print(render_markdown(rows, title=f"Baselines of {a.split_file} beside the paper's"), end="")
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    from ssl_kvasir.report import render_markdown, write_report
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir report",
+        description="Average runs per system over folds; write Table 3 beside the paper's.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run folder, results.json, or a folder above runs",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for table3.csv, table3.md, confusion_<system>.png"
+    )
+    p.add_argument(
+        "--split-file", type=Path, help="add the majority-class and random-guessing rows from this split file"
+    )
+    p.add_argument(
+        "--seeds", type=int, default=100, help="repeats of random guessing to average (default 100)"
+    )
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("--seeds must be at least 1")
+    rows = write_report(a.runs, a.out, split_file=a.split_file, n_random_repeats=a.seeds)
+    print(render_markdown(rows), end="")
+    print(f"wrote {a.out / 'table3.csv'}, {a.out / 'table3.md'} and the confusion matrices in {a.out}")
+    return 0
+
+
+def _synth(argv: list[str]) -> int:
+    from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+    from ssl_kvasir.data.synth import make_synthetic_archive
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir synth", description="Write a synthetic archive in the HyperKvasir layout (for tests and demos)."
+    )
+    p.add_argument("--out", type=Path, required=True, help="archive root to create (must not hold an archive)")
+    p.add_argument("--per-class", type=int, required=True, help="labeled images per class")
+    p.add_argument("--unlabeled", type=int, required=True, help="number of unlabeled images")
+    p.add_argument("--seed", type=int, required=True, help="seed of names, sizes, pictures and folds")
+    p.add_argument("--folds", type=int, default=2, help="folds in the split file (default 2)")
+    a = p.parse_args(argv)
+    root = make_synthetic_archive(a.out, per_class=a.per_class, unlabeled=a.unlabeled, seed=a.seed, n_folds=a.folds)
+    print(f"wrote {root}:")
+    print(f"  labeled-images/: {a.per_class} images in each of {len(HYPERKVASIR_CLASSES)} classes")
+    print(f"  unlabeled-images/images/: {a.unlabeled} images")
+    print(f"  split file: {root / f'{a.folds}_fold_split.csv'} ({a.folds} folds)")
+    return 0
+
+
+def _prepare(argv: list[str]) -> int:
+    import os
+
+    from ssl_kvasir.data.archive import load_catalog, scan_folder, scan_hyperkvasir
+    from ssl_kvasir.data.cache import prepare_cache
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir prepare",
+        description="Cache every labeled and unlabeled image, shrunk to --size and re-encoded, for fast training.",
+    )
+    p.add_argument("--root", type=Path, required=True, help="archive root (or labeled class folders for --source folder)")
+    p.add_argument("--cache", type=Path, required=True, help="cache folder to create or complete")
+    p.add_argument("--size", type=int, default=256, help="shorter side of the cached images in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the cached images (default 90)")
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--split-file", type=Path, help="official split file (not needed to build a cache)")
+    folds.add_argument("--generate-folds", type=int, help="generated stratified folds (not needed to build a cache)")
+    p.add_argument("--source", default="hyperkvasir", choices=["hyperkvasir", "folder"])
+    p.add_argument("--unlabeled-root", type=Path, help="unlabeled images of a folder source")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.split_file is not None or a.generate_folds:
+        catalog = load_catalog(
+            a.root, source=a.source, split_file=a.split_file, generate_folds=a.generate_folds, unlabeled_root=a.unlabeled_root
+        )
+        root, images, problems = catalog.root, catalog.images, catalog.problems
+    elif a.source == "hyperkvasir":
+        root = a.root
+        images, problems = scan_hyperkvasir(a.root)
+    else:
+        images, _, problems = scan_folder(a.root, a.unlabeled_root)
+        root = Path(os.path.commonpath([a.root, a.unlabeled_root])) if a.unlabeled_root else a.root
+    for problem in problems:
+        print(f"note: {problem}")
+    n_labeled, n_unlabeled = int((images.label >= 0).sum()), int((images.label < 0).sum())
+    print(f"{root}: {n_labeled} labeled and {n_unlabeled} unlabeled images")
+    report = prepare_cache(
+        root,
+        list(images.path),
+        a.cache,
+        size=a.size,
+        workers=a.workers,
+        shard_size=a.shard_size,
+        progress=not a.no_progress,
+        quality=a.quality,
+    )
+    print(
+        f"cache {report.cache_dir} at {report.size} px: {report.n_cached} of {report.n_requested} images cached "
+        f"({report.n_new} encoded now, {report.shards_built} shards built, {report.shards_reused} reused) "
+        f"in {report.elapsed_s:.1f} s"
+    )
+    if report.skipped:
+        print(f"{len(report.skipped)} files skipped:")
+        for path, reason in report.skipped.items():
+            print(f"  - {path}: {reason}")
+    return 0
+
+
+def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
+    if any(a in ("-h", "--help") for a in argv):
+        from ssl_kvasir.config import config_dir
+
+        print(
+            f"usage: {prog} KEY=VALUE ...\n\nHydra overrides on {config_dir()}/fit.yaml and its groups "
+            "(data, method, backbone, trainer, logger), e.g. method=fixmatch data.root=DIR data.fold=0 "
+            "data.label_fraction=0.1 backbone.name=resnet18 output_dir=DIR",
+            file=sys.stderr,
+        )
+        raise SystemExit(0)
+    return argv
+
+
+def _setup_logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+
+
+def _fit(argv: list[str]) -> int:
+    from ssl_kvasir.config import compose
+    from ssl_kvasir.runner import fit
+
+    cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit"))
+    _setup_logging()
+    results = fit(cfg)
+    _print_metrics(results, Path(cfg.output_dir))
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from ssl_kvasir.config import compose
+    from ssl_kvasir.runner import evaluate
+
+    cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir evaluate"))
+    _setup_logging()
+    results = evaluate(cfg)
+    _print_metrics(results, Path(cfg.output_dir))
+    return 0
+
+
+def _print_metrics(results: dict, out: Path) -> None:
+    m = results["metrics"]
+    print(
+        f"{results['method']} {results['backbone']} fold {results['fold']} ({results['n_labeled']} labeled, "
+        f"{results['metrics_weights']} weights): MCC {m['mcc']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+        f"micro-F1 {m['micro_f1']:.4f}  balanced acc {m['balanced_accuracy']:.4f}\n-> {out / 'results.json'}"
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "fit": (_fit, "train a method (Hydra overrides: method=... data.root=... output_dir=...)"),
+    "evaluate": (_evaluate, "re-evaluate a checkpoint on the evaluation fold (checkpoint=CKPT ...)"),
     "check": (_check, "validate a downloaded archive and its split file"),
+    "synth": (_synth, "write a synthetic archive in the HyperKvasir layout"),
+    "prepare": (_prepare, "cache every image shrunk and re-encoded for fast loading"),
+    "baselines": (_baselines, "the paper's majority-class and random-guessing rows from a split file"),
+    "report": (_report, "average runs per system over folds; Table 3 beside the paper's"),
 }
 
 

@@ -1,0 +1,129 @@
+"""FixMatch (Sohn et al. 2020), with pluggable masking and optional distribution alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssl_kvasir.losses import masked_cross_entropy
+from ssl_kvasir.methods.base import BaseMethod
+from ssl_kvasir.pseudo_labels.masking import DistributionAlignment, build_masking
+
+TEACHERS = ("ema", "model")
+ALIGNMENTS = ("labeled", "uniform")
+
+
+class FixMatch(BaseMethod):
+    """"For each unlabeled image, we first compute an artificial label from the model's prediction on a weakly
+    augmented version ... only retained if the model assigns a probability above a threshold. The model is
+    then trained to predict the artificial label when fed a strongly-augmented version of the same image."
+
+    Args:
+        num_unlabeled: size of the unlabeled pool (for class-adaptive masking).
+        labeled_class_counts: images per class in the labeled subset (target of distribution alignment).
+        threshold: confidence threshold tau (0.95).
+        lambda_u: weight of the unlabeled loss (1.0).
+        masking: ``fixed`` (FixMatch) or ``flexmatch`` (class-adaptive thresholds).
+        alignment: None, ``labeled`` or ``uniform``: distribution alignment of the weak predictions.
+        teacher: ``ema`` (pseudo-labels from the EMA model) or ``model`` (from the live model, in the same
+            forward pass as the paper does).
+        **base: arguments of :class:`BaseMethod`.
+    """
+
+    name = "fixmatch"
+    labeled_views = ("weak",)
+    unlabeled_views = ("weak", "strong")
+
+    @classmethod
+    def data_kwargs(cls, datamodule) -> dict:
+        lb = datamodule.streams["lb"]
+        return {
+            "num_unlabeled": len(datamodule.streams["ulb"].rows),
+            "labeled_class_counts": [int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)],
+        }
+
+    def __init__(
+        self,
+        num_unlabeled: int,
+        labeled_class_counts: list[int],
+        threshold: float = 0.95,
+        lambda_u: float = 1.0,
+        masking: str = "fixed",
+        alignment: str | None = None,
+        teacher: str = "ema",
+        **base,
+    ):
+        super().__init__(**base)
+        if teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {teacher!r}; valid: {', '.join(TEACHERS)}")
+        if teacher == "ema" and self.ema is None:
+            raise ValueError("teacher=ema needs an EMA (ema_decay > 0)")
+        self.masking = build_masking(masking, threshold, num_unlabeled, self.num_classes)
+        if alignment is None:
+            self.alignment = None
+        elif alignment in ALIGNMENTS:
+            counts = torch.tensor(labeled_class_counts, dtype=torch.float)
+            target = counts if alignment == "labeled" else torch.ones(self.num_classes)
+            self.alignment = DistributionAlignment(target)
+        else:
+            raise ValueError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)} or null")
+        # Pseudo-label accuracy per class over an epoch, where the true label is known.
+        self.register_buffer("_pl_correct", torch.zeros(self.num_classes), persistent=False)
+        self.register_buffer("_pl_total", torch.zeros(self.num_classes), persistent=False)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
+        ulb = batch["ulb"]
+        x_ulb_w, x_ulb_s, idx_ulb, y_ulb = ulb["weak"], ulb["strong"], ulb["pos"], ulb["label"]
+        n_lb, n_ulb = len(x_lb), len(x_ulb_w)
+
+        if self.hparams.teacher == "model":
+            # One forward pass over all three batches, so BatchNorm sees them together (as the paper does).
+            logits = self.model(torch.cat([x_lb, x_ulb_w, x_ulb_s]))  # (B + 2 mu B, C)
+            logits_lb, logits_ulb_w, logits_ulb_s = logits.split([n_lb, n_ulb, n_ulb])
+            probs_w = logits_ulb_w.detach().float().softmax(1)  # (mu B, C)
+        else:
+            logits_lb, logits_ulb_s = self.model(torch.cat([x_lb, x_ulb_s])).split([n_lb, n_ulb])
+            with torch.no_grad():
+                probs_w = self.ema(x_ulb_w).float().softmax(1)  # (mu B, C)
+
+        if self.alignment is not None:
+            self.alignment.update(self.gather(probs_w))
+            probs_w = self.alignment(probs_w)
+        mask = self.masking(probs_w, idx_ulb)  # (mu B,)
+        self.masking.update(self.gather(probs_w), self.gather(idx_ulb))
+        pseudo = probs_w.argmax(1)  # (mu B,)
+
+        loss_x = F.cross_entropy(logits_lb, y_lb)
+        loss_u = masked_cross_entropy(logits_ulb_s, pseudo, mask)
+        loss = loss_x + self.hparams.lambda_u * loss_u
+
+        known = (y_ulb >= 0) & (mask > 0)
+        self._pl_total += torch.bincount(pseudo[known], minlength=self.num_classes)
+        self._pl_correct += torch.bincount(pseudo[known & (pseudo == y_ulb)], minlength=self.num_classes)
+        pl_acc = (pseudo[known] == y_ulb[known]).float().mean() if known.any() else torch.tensor(float("nan"))
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/loss_x": loss_x,
+                "train/loss_u": loss_u,
+                "train/mask_rate": mask.mean(),
+                "train/pl_acc": pl_acc,
+            },
+            prog_bar=True,
+        )
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's pseudo-label precision per predicted class (where the true label is known)."""
+        names = self.hparams.class_names
+        per_class = {
+            f"train/pl_acc/{names[c]}": float(self._pl_correct[c] / self._pl_total[c])
+            for c in range(self.num_classes)
+            if self._pl_total[c] > 0
+        }
+        if per_class:
+            self.log_dict(per_class)
+        self._pl_correct.zero_()
+        self._pl_total.zero_()

@@ -1,0 +1,42 @@
+"""Experiment tracking conventions: W&B groups and tags that make label-efficiency curves a group-by."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def wandb_mode() -> str:
+    """``online`` when the user has configured W&B (an API key in the environment or ``~/.netrc``), else
+    ``offline``: nothing is sent anywhere unless the user set W&B up."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+def label_budget(cfg: DictConfig) -> str:
+    d = cfg.data
+    return f"frac{d.label_fraction:g}" if d.labels_per_class is None else f"lpc{d.labels_per_class}"
+
+
+def run_group(cfg: DictConfig) -> str:
+    """Runs that differ only by fold and seed share a group: ``<method>-<backbone>-<budget>``."""
+    return f"{cfg.method.name}-{cfg.backbone.name}-{label_budget(cfg)}"
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    return [
+        cfg.method.name,
+        cfg.backbone.name,
+        label_budget(cfg),
+        f"fold{cfg.data.fold}",
+        f"seed{cfg.seed}",
+    ]
