@@ -267,6 +267,25 @@ def _print_metrics(results: dict, out: Path) -> None:
     )
 
 
+def _composition(argv: list[str]) -> int:
+    from ssl_kvasir.analysis.composition import write_composition_report
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir composition",
+        description="Count predicted classes per prediction file (authors' or ssl_kvasir format) and compare them.",
+    )
+    p.add_argument("--predictions", type=Path, nargs="+", required=True, help="prediction files, named by file stem")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    a = p.parse_args(argv)
+    report = write_composition_report(a.predictions, a.out)
+    if report.agreement is not None:
+        for r in report.agreement.itertuples():
+            print(f"{r.a} vs {r.b}: {r.n_agree} of {r.n_common} shared images agree ({r.rate:.1%})")
+    for path in report.files.values():
+        print(f"-> {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (_fit, "train a method (Hydra overrides: method=... data.root=... output_dir=...)"),
     "evaluate": (_evaluate, "re-evaluate a checkpoint on the evaluation fold (checkpoint=CKPT ...)"),
@@ -275,6 +294,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare": (_prepare, "cache every image shrunk and re-encoded for fast loading"),
     "baselines": (_baselines, "the paper's majority-class and random-guessing rows from a split file"),
     "report": (_report, "average runs per system over folds; Table 3 beside the paper's"),
+    "composition": (_composition, "predicted-class counts and agreement of prediction files (Fig. 9)"),
 }
 
 

@@ -150,12 +150,18 @@ def schedule(max_steps: int, steps_per_epoch: int) -> tuple[int, int]:
     return per_epoch, per_epoch * epochs
 
 
-def build_method(cfg: DictConfig, method_cls: type[BaseMethod], dm: KvasirDataModule, network, total_steps: int) -> BaseMethod:
+def build_method(
+    cfg: DictConfig, method_cls: type[BaseMethod], dm: KvasirDataModule, network, total_steps: int
+) -> BaseMethod:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in RUN_KEYS}
     kwargs.update(method_cls.data_kwargs(dm))
     try:
         return method_cls(
-            network=network, class_names=dm.catalog.classes.names, max_steps=total_steps, seed=cfg.seed, **kwargs
+            network=network,
+            class_names=dm.catalog.classes.names,
+            max_steps=total_steps,
+            seed=cfg.seed,
+            **kwargs,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {cfg.method.name}: {e}") from None
@@ -257,8 +263,16 @@ def fit(cfg: DictConfig) -> dict:
     return fit_once(cfg, exp, method_cls, out)
 
 
-def fit_once(cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], out: Path, pseudo_labeled=None, extra=None) -> dict:
-    """One Lightning fit + validation + test of ``method_cls``, written to ``out/results.json``."""
+def fit_once(
+    cfg: DictConfig,
+    exp: Experiment,
+    method_cls: type[BaseMethod],
+    out: Path,
+    pseudo_labeled=None,
+    extra: dict | None = None,
+    results_file: str = "results.json",
+) -> dict:
+    """One Lightning fit + validation + test of ``method_cls``, written to ``out/<results_file>``."""
     from lightning.fabric.utilities.seed import seed_everything
 
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -280,18 +294,28 @@ def fit_once(cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], out
     results = make_results(cfg, exp, module, test, val, best, total)
     results.update(extra or {})
     if trainer.is_global_zero:
-        write_results(out, results, exp.catalog.classes.names, test["confusion_matrix"])
+        write_results(out / results_file, results, exp.catalog.classes.names, test["confusion_matrix"])
     return results
 
 
-def make_results(cfg: DictConfig, exp: Experiment, module: BaseMethod, test: dict, val: dict | None, checkpoint: str, steps: int) -> dict:
+def make_results(
+    cfg: DictConfig,
+    exp: Experiment,
+    module: BaseMethod,
+    test: dict,
+    val: dict | None,
+    checkpoint: str,
+    steps: int,
+) -> dict:
     from ssl_kvasir.metrics import per_class_report
     from ssl_kvasir.tracking import run_group
 
     names = exp.catalog.classes.names
     return {
         "method": cfg.method.name,
-        "backbone": cfg.backbone.name if cfg.backbone.head in ("linear", "averaged") else f"{cfg.backbone.name}+{cfg.backbone.head}",
+        "backbone": cfg.backbone.name
+        if cfg.backbone.head in ("linear", "averaged")
+        else f"{cfg.backbone.name}+{cfg.backbone.head}",
         "system": cfg.system,
         "fold": cfg.data.fold,
         "seed": cfg.seed,
@@ -299,7 +323,9 @@ def make_results(cfg: DictConfig, exp: Experiment, module: BaseMethod, test: dic
         "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
         "labels_per_class": cfg.data.labels_per_class,
         "n_labeled": int(len(exp.split.labeled)),
-        "n_unlabeled": int(len(module.trainer.datamodule.streams["ulb"].rows)) if "ulb" in module.trainer.datamodule.streams else 0,
+        "n_unlabeled": int(len(module.trainer.datamodule.streams["ulb"].rows))
+        if "ulb" in module.trainer.datamodule.streams
+        else 0,
         "n_val": int(len(exp.split.val)),
         "n_test": int(len(exp.split.test)),
         "steps": steps,
@@ -308,7 +334,9 @@ def make_results(cfg: DictConfig, exp: Experiment, module: BaseMethod, test: dic
         "metrics": {k: float(v) for k, v in test["metrics"].items()},
         "metrics_weights": module.hparams.eval_weights,
         "val_metrics": {k: float(v) for k, v in val["metrics"].items()} if val else None,
-        "selection": f"best {cfg.trainer.monitor} on the validation part of the training folds" if val else "last checkpoint (no validation images)",
+        "selection": f"best {cfg.trainer.monitor} on the validation part of the training folds"
+        if val
+        else "last checkpoint (no validation images)",
         "per_class": per_class_report(test["confusion_matrix"], names),
         "confusion_matrix": np.asarray(test["confusion_matrix"]).tolist(),
         "checkpoint": str(checkpoint),
@@ -317,11 +345,13 @@ def make_results(cfg: DictConfig, exp: Experiment, module: BaseMethod, test: dic
     }
 
 
-def write_results(out: Path, results: dict, names: list[str], cm) -> None:
+def write_results(path: Path, results: dict, names: list[str], cm) -> None:
+    """``results.json`` and a confusion-matrix PNG beside it."""
     from ssl_kvasir.metrics import plot_confusion_matrix
 
-    plot_confusion_matrix(np.asarray(cm), names, out / "confusion_matrix.png", title=f"{results['method']} fold {results['fold']}")
-    atomic_write_json(out / "results.json", results)
+    title = f"{results['method']} {results['backbone']} fold {results['fold']}"
+    plot_confusion_matrix(np.asarray(cm), names, path.parent / "confusion_matrix.png", title=title)
+    atomic_write_json(path, results)
 
 
 def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
@@ -368,8 +398,13 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg, exp, type(module), steps_per_epoch=1)
     t = cfg.trainer
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=1, precision=t.precision, logger=False, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, use_distributed_sampler=False,
+        accelerator=t.accelerator,
+        devices=1,
+        precision=t.precision,
+        logger=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
     )
     trainer.test(module, datamodule=dm, verbose=False)
     test = module.last_eval["test"]
@@ -377,3 +412,26 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     atomic_write_json(out / "evaluation.json", results)
     return results
+
+
+@torch.no_grad()
+def predict_rows(
+    module: BaseMethod, cfg: DictConfig, exp: Experiment, rows: np.ndarray, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) and features (N, D) of the eval network for catalog ``rows``."""
+    from rich.progress import Progress
+
+    dm = build_datamodule(cfg, exp, type(module), steps_per_epoch=1)
+    device = (
+        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    )
+    network = module.eval_network.to(device).eval()
+    probs, feats = [], []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"predicting {len(rows)} images", total=len(rows))
+        for batch in dm.loader(rows):
+            f, logits = network.features_and_logits(batch["eval"].to(device))  # (B, D), (B, C)
+            probs.append(logits.float().softmax(1).cpu().numpy())
+            feats.append(f.float().cpu().numpy())
+            bar.advance(task, len(f))
+    return np.concatenate(probs), np.concatenate(feats)

@@ -150,7 +150,7 @@ def write_composition_report(
         key = f"agreement_{stem_a}_vs_{stem_b}"
         report.files[key] = out_dir / f"{key}.csv"
         _write_csv(matrix, report.files[key], index=True)
-        rows.append({"a": stem_a, "b": stem_b, "n_common": len(joined), "n_agree": int(np.trace(matrix)), "rate": rate})
+        rows.append({"a": stem_a, "b": stem_b, "n_common": len(joined), "n_agree": int(np.trace(matrix.to_numpy())), "rate": rate})
     if rows:
         report.agreement = pd.DataFrame(rows)
         report.files["agreement"] = out_dir / "agreement.csv"

@@ -68,7 +68,7 @@ def _pattern(style: ClassStyle, x: np.ndarray, y: np.ndarray, rng: np.random.Gen
     theta = math.radians(style.angle + rng.normal(0, 6))
     u = x * math.cos(theta) + y * math.sin(theta)  # (h, w) along the class orientation
     v = -x * math.sin(theta) + y * math.cos(theta)  # (h, w) across it
-    freq = rng.uniform(4.5, 7.0)  # cycles per image width
+    freq = rng.uniform(3.0, 4.5)  # cycles per image width: >= 7 px per cycle at 32 px
     if style.pattern == "stripes":
         return 0.5 + 0.5 * np.sin(2 * np.pi * freq * u + rng.uniform(0, 2 * np.pi))
     if style.pattern == "checks":

@@ -1,0 +1,179 @@
+"""Figures of the unlabeled-data analysis, as PNGs written atomically, and their upload to W&B.
+
+Figures are drawn on a ``matplotlib.figure.Figure`` rendered by the Agg canvas: no pyplot, no global state,
+nothing that needs a display. matplotlib and wandb are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ssl_kvasir.data.classes import ClassTable
+from ssl_kvasir.errors import DataError
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    from ssl_kvasir.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def class_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` distinguishable colours: tab20, then Dark2, then evenly spaced hues."""
+    from matplotlib import colormaps
+
+    colors = [tuple(c[:3]) for c in colormaps["tab20"].colors] + [tuple(c[:3]) for c in colormaps["Dark2"].colors]
+    if n > len(colors):
+        hsv = colormaps["hsv"]
+        colors += [tuple(hsv(i / (n - len(colors)))[:3]) for i in range(n - len(colors))]
+    return colors[:n]
+
+
+def plot_umap(
+    coords: np.ndarray,
+    predicted: np.ndarray,
+    classes: ClassTable,
+    path: str | os.PathLike,
+    is_labeled: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """Scatter UMAP coordinates coloured by predicted class; labeled images drawn as black-edged triangles.
+
+    Args:
+        coords: ``(N, 2)`` UMAP coordinates.
+        predicted: ``(N,)`` predicted class per image (the colour).
+        classes: the class table (legend: letter and folder name).
+        path: the PNG to write.
+        is_labeled: ``(N,)`` bool; labeled images get a different marker, drawn on top.
+        title: the figure title.
+
+    Returns:
+        ``path``.
+    """
+    coords = np.asarray(coords)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    n = len(coords)
+    if coords.shape != (n, 2) or predicted.shape != (n,):
+        raise DataError(f"UMAP plot needs (N, 2) coordinates and (N,) classes, got {coords.shape} and {predicted.shape}")
+    labeled = np.zeros(n, bool) if is_labeled is None else np.asarray(is_labeled, dtype=bool)
+    colors = np.asarray(class_colors(len(classes)))  # (C, 3)
+    fig = _figure(11, 8)
+    ax = fig.add_subplot()
+    # Thousands of points: small, translucent and rasterised so the PNG stays readable and small.
+    size = float(np.clip(4000 / max(n, 1), 0.5, 12))
+    for marked, marker, edge in ((False, "o", "none"), (True, "^", "black")):
+        rows = labeled == marked
+        if rows.any():
+            ax.scatter(
+                coords[rows, 0],
+                coords[rows, 1],
+                c=colors[predicted[rows]],
+                s=size * (4 if marked else 1),
+                marker=marker,
+                edgecolors=edge,
+                linewidths=0.3,
+                alpha=0.9 if marked else 0.6,
+                rasterized=True,
+            )
+    from matplotlib.lines import Line2D
+
+    present = np.unique(predicted)
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=colors[c], label=f"{classes[int(c)].letter} {classes[int(c)].folder}")
+        for c in present
+    ]
+    if labeled.any():
+        handles.append(Line2D([], [], marker="^", linestyle="", color="white", markeredgecolor="black", label="labeled image"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"UMAP of {n} images, coloured by predicted class")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_composition(table: pd.DataFrame, path: str | os.PathLike, log_scale: bool = False, title: str = "") -> Path:
+    """Grouped bar chart of a composition table: per class, one bar per source.
+
+    Args:
+        table: from :func:`ssl_kvasir.analysis.composition.composition_table` (columns ``class``,
+            ``letter`` and one count column per source).
+        path: the PNG to write.
+        log_scale: a logarithmic count axis (class sizes span three orders of magnitude).
+        title: the figure title.
+
+    Returns:
+        ``path``.
+    """
+    sources = [c for c in table.columns if c not in ("class", "letter")]
+    if not sources:
+        raise DataError("the composition table has no source column to plot")
+    n_classes = len(table)
+    fig = _figure(max(8.0, 0.55 * n_classes + 2), 5.5)
+    ax = fig.add_subplot()
+    width = 0.8 / len(sources)
+    x = np.arange(n_classes)
+    colors = class_colors(len(sources))
+    for i, source in enumerate(sources):
+        ax.bar(x - 0.4 + (i + 0.5) * width, table[source].to_numpy(), width, label=source, color=colors[i])
+    ax.set_xticks(x, labels=[f"{letter} {name}" for letter, name in zip(table.letter, table["class"], strict=True)], rotation=90)
+    ax.set_ylabel("images (predicted class)")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Predicted class composition of the unlabeled images")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_knn_confusion(
+    y_true: np.ndarray, y_knn: np.ndarray, classes: ClassTable, path: str | os.PathLike, title: str = ""
+) -> Path:
+    """The confusion matrix of a kNN classifier (rows = true class), row-normalised colours, counts in cells.
+
+    Drawn by :func:`ssl_kvasir.metrics.plot_confusion_matrix`, with the paper's letters as axis labels.
+    """
+    from ssl_kvasir.metrics import confusion_matrix, plot_confusion_matrix
+
+    cm = confusion_matrix(np.asarray(y_true), np.asarray(y_knn), len(classes))  # (C, C)
+    plot_confusion_matrix(cm, classes.letters, path, title=title or "kNN classifier", normalize=True)
+    return Path(path)
+
+
+def log_images_to_wandb(paths: Mapping[str, str | os.PathLike], step: int | None = None) -> bool:
+    """Log PNGs to the active W&B run, one key each.
+
+    Args:
+        paths: W&B key -> image file.
+        step: the W&B step (default: W&B's own).
+
+    Returns:
+        True when they were logged; False when no run is active (``wandb.run is None``) or wandb is not
+        installed, so analysis works the same without W&B.
+    """
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    wandb.log({key: wandb.Image(str(p)) for key, p in paths.items()}, step=step)
+    return True
