@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -96,28 +97,44 @@ def test_classes_have_distinct_styles():
     assert len({(s.pattern, s.hue) for s in styles}) == len(styles)
 
 
-def _thumbnails(paths: list[Path], side: int = 16) -> np.ndarray:
-    """(N, side*side*3) pixels in 0..1."""
-    thumbs = [np.asarray(decode_image(p, side, name=str(p)).resize((side, side), Image.Resampling.BILINEAR)) for p in paths]
-    return np.stack(thumbs).reshape(len(paths), -1) / 255.0
+def _features(paths: list[Path], side: int = 32) -> np.ndarray:
+    """(N, 14) colour and texture features of ``side`` px thumbnails, blind to where the pattern sits.
+
+    Raw pixels are a poor input for a nearest-mean classifier here because every image shifts its pattern's
+    phase; a CNN is translation-invariant, so these stand in for what it sees: the mean and spread of the
+    colours inside the field of view, and a histogram of gradient orientations (stripes, checks and rings
+    of different orientations differ there).
+    """
+    rows = []
+    for p in paths:
+        img = np.asarray(decode_image(p, side, name=str(p)).resize((side, side)), dtype=float) / 255.0  # (s, s, 3)
+        grey = img.mean(-1)  # (s, s)
+        gy, gx = np.gradient(grey)  # (s, s) each
+        inside = grey > 0.15  # the field of view, not the black frame
+        angle = np.mod(np.arctan2(gy, gx), np.pi)[inside]
+        hist, _ = np.histogram(angle, bins=8, range=(0, np.pi), weights=np.hypot(gx, gy)[inside])
+        colours = img[inside]  # (n_inside, 3)
+        rows.append(np.concatenate([colours.mean(0), colours.std(0), hist / max(hist.sum(), 1e-9)]))
+    x = np.stack(rows)  # (N, 14)
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
 
 
 def test_class_signal_nearest_class_mean_beats_chance(synth_archive):
     catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
-    lab = catalog.labeled
-    x = _thumbnails([synth_archive / p for p in lab.path])  # (138, 768)
+    lab, unl = catalog.labeled, catalog.unlabeled
+    x = _features([synth_archive / p for p in pd.concat([lab.path, unl.path])])  # (198, 14)
+    x, xu = x[: len(lab)], x[len(lab) :]
     y, fold = lab.label.to_numpy(), lab.fold.to_numpy()
     accuracies = []
-    for k in (0, 1):
+    for k in (0, 1):  # train on one fold (3 images per class), test on the other
         train, test = fold != k, fold == k
-        means = np.stack([x[train & (y == c)].mean(0) for c in range(len(HYPERKVASIR_CLASSES))])  # (23, 768)
+        means = np.stack([x[train & (y == c)].mean(0) for c in range(len(HYPERKVASIR_CLASSES))])  # (23, 14)
         dist = ((x[test][:, None, :] - means[None]) ** 2).sum(-1)  # (n_test, 23)
         accuracies.append(float((dist.argmin(1) == y[test]).mean()))
     chance = 1 / len(HYPERKVASIR_CLASSES)
-    assert np.mean(accuracies) > 6 * chance, accuracies
+    assert min(accuracies) > 3 * chance and np.mean(accuracies) > 5 * chance, accuracies
     # The unlabeled images come from the same generator, spread over many classes.
-    xu = _thumbnails([synth_archive / p for p in catalog.unlabeled.path])  # (60, 768)
-    all_means = np.stack([x[y == c].mean(0) for c in range(len(HYPERKVASIR_CLASSES))])  # (23, 768)
+    all_means = np.stack([x[y == c].mean(0) for c in range(len(HYPERKVASIR_CLASSES))])  # (23, 14)
     nearest = ((xu[:, None, :] - all_means[None]) ** 2).sum(-1).argmin(1)  # (60,)
     assert len(set(nearest.tolist())) >= 10
 

@@ -95,7 +95,7 @@ def hdbscan_cluster(
     else:
         from sklearn.cluster import HDBSCAN
 
-        model = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples).fit(x)
+        model = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True).fit(x)
         scores = 1.0 - np.asarray(model.probabilities_, dtype=np.float64)
     return np.asarray(model.labels_, dtype=np.int64), scores
 

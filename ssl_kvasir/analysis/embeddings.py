@@ -271,7 +271,8 @@ class EmbeddingWriter:
                 f"{self.out_dir}: got features {features.shape} and probs {probs.shape}, "
                 f"expected ({n}, {self.dim}) and ({n}, {self.num_classes})"
             )
-        stored = features.astype(self.settings["dtype"], copy=False)  # (n, D)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported just below, with a hint
+            stored = features.astype(self.settings["dtype"], copy=False)  # (n, D)
         if not np.isfinite(stored).all():
             hint = " (values beyond float16's range: use dtype=float32)" if np.isfinite(features).all() else ""
             raise DataError(f"{self.out_dir}: features contain NaN or infinite values{hint}")
