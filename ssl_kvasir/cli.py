@@ -138,15 +138,20 @@ def _synth(argv: list[str]) -> int:
     from ssl_kvasir.data.synth import make_synthetic_archive
 
     p = argparse.ArgumentParser(
-        prog="ssl-kvasir synth", description="Write a synthetic archive in the HyperKvasir layout (for tests and demos)."
+        prog="ssl-kvasir synth",
+        description="Write a synthetic archive in the HyperKvasir layout (for tests and demos).",
     )
-    p.add_argument("--out", type=Path, required=True, help="archive root to create (must not hold an archive)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="archive root to create (must not hold an archive)"
+    )
     p.add_argument("--per-class", type=int, required=True, help="labeled images per class")
     p.add_argument("--unlabeled", type=int, required=True, help="number of unlabeled images")
     p.add_argument("--seed", type=int, required=True, help="seed of names, sizes, pictures and folds")
     p.add_argument("--folds", type=int, default=2, help="folds in the split file (default 2)")
     a = p.parse_args(argv)
-    root = make_synthetic_archive(a.out, per_class=a.per_class, unlabeled=a.unlabeled, seed=a.seed, n_folds=a.folds)
+    root = make_synthetic_archive(
+        a.out, per_class=a.per_class, unlabeled=a.unlabeled, seed=a.seed, n_folds=a.folds
+    )
     print(f"wrote {root}:")
     print(f"  labeled-images/: {a.per_class} images in each of {len(HYPERKVASIR_CLASSES)} classes")
     print(f"  unlabeled-images/images/: {a.unlabeled} images")
@@ -164,22 +169,34 @@ def _prepare(argv: list[str]) -> int:
         prog="ssl-kvasir prepare",
         description="Cache every labeled and unlabeled image, shrunk to --size and re-encoded, for fast training.",
     )
-    p.add_argument("--root", type=Path, required=True, help="archive root (or labeled class folders for --source folder)")
+    p.add_argument(
+        "--root", type=Path, required=True, help="archive root (or labeled class folders for --source folder)"
+    )
     p.add_argument("--cache", type=Path, required=True, help="cache folder to create or complete")
-    p.add_argument("--size", type=int, default=256, help="shorter side of the cached images in pixels (default 256)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument(
+        "--size", type=int, default=256, help="shorter side of the cached images in pixels (default 256)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)"
+    )
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the cached images (default 90)")
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--split-file", type=Path, help="official split file (not needed to build a cache)")
-    folds.add_argument("--generate-folds", type=int, help="generated stratified folds (not needed to build a cache)")
+    folds.add_argument(
+        "--generate-folds", type=int, help="generated stratified folds (not needed to build a cache)"
+    )
     p.add_argument("--source", default="hyperkvasir", choices=["hyperkvasir", "folder"])
     p.add_argument("--unlabeled-root", type=Path, help="unlabeled images of a folder source")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.split_file is not None or a.generate_folds:
         catalog = load_catalog(
-            a.root, source=a.source, split_file=a.split_file, generate_folds=a.generate_folds, unlabeled_root=a.unlabeled_root
+            a.root,
+            source=a.source,
+            split_file=a.split_file,
+            generate_folds=a.generate_folds,
+            unlabeled_root=a.unlabeled_root,
         )
         root, images, problems = catalog.root, catalog.images, catalog.problems
     elif a.source == "hyperkvasir":

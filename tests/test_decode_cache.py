@@ -21,8 +21,9 @@ from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.data.synth import render_image, write_image_folder_dataset
 from ssl_kvasir.errors import DataError
 
-
-_ALPHA = np.repeat(np.linspace(0, 255, 80).round().astype(np.uint8)[:, None], 96, axis=1)  # (80, 96) 0 top, 255 bottom
+_ALPHA = np.repeat(
+    np.linspace(0, 255, 80).round().astype(np.uint8)[:, None], 96, axis=1
+)  # (80, 96) 0 top, 255 bottom
 
 
 def _jpeg(img: Image.Image, **kwargs) -> bytes:
@@ -114,7 +115,12 @@ def test_decode_conversions_keep_the_picture(odd_files):
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("truncated.jpg", "truncated"), ("garbage.jpg", "not an image"), ("empty.jpg", "not an image"), ("missing.jpg", "not found")],
+    [
+        ("truncated.jpg", "truncated"),
+        ("garbage.jpg", "not an image"),
+        ("empty.jpg", "not an image"),
+        ("missing.jpg", "not found"),
+    ],
 )
 def test_decode_bad_files_raise_data_error_naming_them(odd_files, name, reason):
     root, _ = odd_files
@@ -155,7 +161,9 @@ def test_dct_scaled_decode_is_close_to_full_decode_and_resize():
 
 
 def _prepare(root, paths, cache_dir, size=64, shard_size=4, **kwargs):
-    return prepare_cache(root, paths, cache_dir, size=size, workers=1, shard_size=shard_size, progress=False, **kwargs)
+    return prepare_cache(
+        root, paths, cache_dir, size=size, workers=1, shard_size=shard_size, progress=False, **kwargs
+    )
 
 
 def _synth_paths(synth_archive: Path, n: int) -> list[str]:
@@ -186,7 +194,12 @@ def test_cache_matches_direct_decode_and_resize(synth_archive, tmp_path):
     assert min(cache.load(paths[0], 32).size) == 32
     assert cache.missing([paths[1], "nope.jpg", Path(paths[2]), "a/b.jpg"]) == ["nope.jpg", "a/b.jpg"]
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert manifest["counts"] == {"images": 10, "skipped": 0, "shards": 3, "bytes": manifest["counts"]["bytes"]}
+    assert manifest["counts"] == {
+        "images": 10,
+        "skipped": 0,
+        "shards": 3,
+        "bytes": manifest["counts"]["bytes"],
+    }
     assert [s["files"] for s in manifest["shards"]] == [paths[0:4], paths[4:8], paths[8:10]]
     assert manifest["root"] == str(synth_archive.resolve())
 
@@ -318,10 +331,21 @@ def test_cache_pickles_small_and_reads_in_forked_children(synth_archive, tmp_pat
 def test_prepare_cli_builds_the_whole_archive(synth_archive, tmp_path, capsys):
     cache_dir = tmp_path / "cache"
     split = synth_archive / "2_fold_split.csv"
-    args = ["prepare", "--root", str(synth_archive), "--cache", str(cache_dir), "--workers", "2", "--no-progress"]
+    args = [
+        "prepare",
+        "--root",
+        str(synth_archive),
+        "--cache",
+        str(cache_dir),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     assert main([*args, "--size", "48", "--split-file", str(split), "--shard-size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "138 labeled and 60 unlabeled" in out and "198 of 198 images cached" in out and str(cache_dir) in out
+    assert (
+        "138 labeled and 60 unlabeled" in out and "198 of 198 images cached" in out and str(cache_dir) in out
+    )
     cache = ImageCache(cache_dir, expected_size=48)
     assert len(cache) == 198 and all(min(cache.load(p).size) == 48 for p in cache.paths[::40])
     assert main([*args, "--size", "48"]) == 0  # no split file needed; nothing left to do
@@ -333,13 +357,46 @@ def test_prepare_cli_builds_the_whole_archive(synth_archive, tmp_path, capsys):
 
 def test_prepare_cli_folder_source_reports_skipped_files(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, size=(6, 40, 40, 3), dtype=np.uint8)
-    out = write_image_folder_dataset(tmp_path / "d", images, [0, 1, 0, 1, 0, 1], ["a", "b"], [False] * 4 + [True] * 2)
+    out = write_image_folder_dataset(
+        tmp_path / "d", images, [0, 1, 0, 1, 0, 1], ["a", "b"], [False] * 4 + [True] * 2
+    )
     (out / "labeled" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    args = ["prepare", "--root", str(out / "labeled"), "--unlabeled-root", str(out / "unlabeled"), "--source", "folder"]
-    assert main([*args, "--cache", str(tmp_path / "c"), "--size", "32", "--workers", "1", "--generate-folds", "2"]) == 0
+    args = [
+        "prepare",
+        "--root",
+        str(out / "labeled"),
+        "--unlabeled-root",
+        str(out / "unlabeled"),
+        "--source",
+        "folder",
+    ]
+    assert (
+        main(
+            [*args, "--cache", str(tmp_path / "c"), "--size", "32", "--workers", "1", "--generate-folds", "2"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "6 of 7 images cached" in printed and "1 files skipped" in printed and "labeled/a/broken.jpg: " in printed
+    assert (
+        "6 of 7 images cached" in printed
+        and "1 files skipped" in printed
+        and "labeled/a/broken.jpg: " in printed
+    )
     cache = ImageCache(tmp_path / "c", expected_size=32)
     assert sorted(cache.paths) == sorted(
-        ["labeled/a/0.png", "labeled/b/1.png", "labeled/a/2.png", "labeled/b/3.png", "unlabeled/4.png", "unlabeled/5.png"]
+        [
+            "labeled/a/0.png",
+            "labeled/b/1.png",
+            "labeled/a/2.png",
+            "labeled/b/3.png",
+            "unlabeled/4.png",
+            "unlabeled/5.png",
+        ]
     )
+
+
+def test_shrink_sets_the_shorter_side_and_never_enlarges():
+    assert shrink(Image.new("RGB", (332, 487)), 256).size == (256, 376)
+    assert shrink(Image.new("RGB", (1921, 1072)), 256).size == (459, 256)
+    small = Image.new("RGB", (40, 30))
+    assert shrink(small, 64) is small

@@ -79,7 +79,9 @@ def test_same_seed_same_bytes_other_seed_other_archive(tmp_path):
 
 def test_imbalanced_counts_and_more_folds(tmp_path):
     counts = [1 + (i % 5) for i in range(len(HYPERKVASIR_CLASSES))]
-    root = make_synthetic_archive(tmp_path / "a", per_class=counts, unlabeled=0, seed=1, n_folds=3, sizes=TINY)
+    root = make_synthetic_archive(
+        tmp_path / "a", per_class=counts, unlabeled=0, seed=1, n_folds=3, sizes=TINY
+    )
     split = read_split_file(root / "3_fold_split.csv", HYPERKVASIR_CLASSES)
     assert np.bincount(split.label, minlength=len(counts)).tolist() == counts
     assert set(split.fold) == {0, 1, 2}
@@ -107,7 +109,9 @@ def _features(paths: list[Path], side: int = 32) -> np.ndarray:
     """
     rows = []
     for p in paths:
-        img = np.asarray(decode_image(p, side, name=str(p)).resize((side, side)), dtype=float) / 255.0  # (s, s, 3)
+        img = (
+            np.asarray(decode_image(p, side, name=str(p)).resize((side, side)), dtype=float) / 255.0
+        )  # (s, s, 3)
         grey = img.mean(-1)  # (s, s)
         gy, gx = np.gradient(grey)  # (s, s) each
         inside = grey > 0.15  # the field of view, not the black frame
@@ -162,13 +166,17 @@ def test_image_folder_dataset_round_trips(tmp_path):
         assert row.label == (-1 if unlabeled[i] else classes.index(["zero", "one", "two"][labels[i]]))
         with Image.open(out / row.path) as img:
             assert np.array_equal(np.asarray(img), images[i])  # PNG is lossless
-    catalog = load_catalog(out / "labeled", source="folder", generate_folds=2, unlabeled_root=out / "unlabeled")
+    catalog = load_catalog(
+        out / "labeled", source="folder", generate_folds=2, unlabeled_root=out / "unlabeled"
+    )
     assert (len(catalog.labeled), len(catalog.unlabeled)) == (9, 3)
 
 
 def test_image_folder_dataset_rgb_jpg_and_bad_input(tmp_path):
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
-    out = write_image_folder_dataset(tmp_path / "rgb", images, [0, 1], ["a", "b"], [False, True], image_format="jpg")
+    out = write_image_folder_dataset(
+        tmp_path / "rgb", images, [0, 1], ["a", "b"], [False, True], image_format="jpg"
+    )
     assert [p.relative_to(out).as_posix() for p in _all_files(out)] == ["labeled/a/0.jpg", "unlabeled/1.jpg"]
     with pytest.raises(ConfigError, match="uint8"):
         write_image_folder_dataset(tmp_path / "f", images.astype(float), [0, 1], ["a", "b"], [False, False])

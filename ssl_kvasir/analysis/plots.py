@@ -131,9 +131,11 @@ def plot_composition(table: pd.DataFrame, path: str | os.PathLike, log_scale: bo
     ax = fig.add_subplot()
     width = 0.8 / len(sources)
     x = np.arange(n_classes)
-    colors = class_colors(len(sources))
+    from matplotlib import colormaps
+
+    tab10 = colormaps["tab10"]  # strongly different hues: sources are few, unlike classes
     for i, source in enumerate(sources):
-        ax.bar(x - 0.4 + (i + 0.5) * width, table[source].to_numpy(), width, label=source, color=colors[i])
+        ax.bar(x - 0.4 + (i + 0.5) * width, table[source].to_numpy(), width, label=source, color=tab10(i % 10))
     ax.set_xticks(x, labels=[f"{letter} {name}" for letter, name in zip(table.letter, table["class"], strict=True)], rotation=90)
     ax.set_ylabel("images (predicted class)")
     if log_scale:

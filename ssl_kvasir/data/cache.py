@@ -21,13 +21,15 @@ atomically when the shard is finished, and a rerun rebuilds only shards without 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
 import os
+import sys
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,14 +181,16 @@ def _read_manifest(cache_dir: Path) -> dict | None:
     return manifest
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Workers are started by a fork server: forking the caller directly is unsafe once it runs threads
-    (the progress bar's refresh thread, a training process's), and spawn re-imports everything per worker."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # Takes effect only when the server starts; workers then fork with PIL and this module loaded.
-        ctx.set_forkserver_preload(["__main__", __name__])
-        return ctx
+def pool_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the cache's worker pools: fork where the platform has it.
+
+    Forked workers start at once, with this module already imported, and need no ``if __name__ ==
+    "__main__"`` guard in the caller's script (a spawned or fork-server worker re-runs the caller's main
+    module). Forking is unsafe only while other threads hold locks, so the pool is started before the
+    progress bar starts its refresh thread. Elsewhere (Windows, macOS) workers are spawned.
+    """
+    if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin":
+        return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
 
@@ -266,7 +270,9 @@ def prepare_cache(
     start = time.perf_counter()
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
     if size < 1 or shard_size < 1 or not 1 <= quality <= 100:
-        raise DataError(f"size and shard_size must be >= 1 and quality 1..100, got {size}, {shard_size}, {quality}")
+        raise DataError(
+            f"size and shard_size must be >= 1 and quality 1..100, got {size}, {shard_size}, {quality}"
+        )
     requested = list(dict.fromkeys(Path(p).as_posix() for p in paths))
 
     manifest = _read_manifest(cache_dir)
@@ -299,16 +305,25 @@ def prepare_cache(
     todo = [i for i in range(len(plan)) if i not in records]
     shards_reused = len(records)
 
-    header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "size": size, "quality": quality, "root": str(root)}
+    header = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "size": size,
+        "quality": quality,
+        "root": str(root),
+    }
     if todo or manifest is None or not manifest.get("complete"):
         # The plan goes to disk before any shard, so that a killed run is resumed with the same shards.
         shard_list = [{"name": f"{_shard_name(i)}.bin", "files": files} for i, files in enumerate(plan)]
         atomic_write_json(cache_dir / MANIFEST, {**header, "complete": False, "shards": shard_list})
 
     n_new = 0
-    with _progress_bar(progress and bool(todo)) as bar:
+    with (
+        _shard_results(root, cache_dir, plan, todo, size, quality, workers) as results,
+        _progress_bar(progress and bool(todo)) as bar,
+    ):
         task = bar.add_task(f"caching at {size} px", total=sum(len(plan[i]) for i in todo))
-        for i, record in _run_shards(root, cache_dir, plan, todo, size, quality, workers):
+        for i, record in results:
             records[i] = record
             n_new += len(record["paths"])
             bar.advance(task, len(record["files"]))
@@ -330,23 +345,28 @@ def prepare_cache(
     )
 
 
-def _run_shards(
-    root: Path, cache_dir: Path, plan: list[list[str]], todo: list[int], size: int, quality: int, workers: int | None
-) -> Iterable[tuple[int, dict]]:
-    """Build the shards ``todo``, yielding ``(shard index, record)`` as each one finishes."""
+@contextlib.contextmanager
+def _shard_results(
+    root: Path,
+    cache_dir: Path,
+    plan: list[list[str]],
+    todo: list[int],
+    size: int,
+    quality: int,
+    workers: int | None,
+) -> Iterator[Iterator[tuple[int, dict]]]:
+    """Start building the shards ``todo``; yields an iterator of ``(shard index, record)`` in finishing order.
+
+    With several workers, every worker process is started on entry, before the caller starts any thread.
+    """
     args = [(str(root), str(cache_dir), i, plan[i], size, quality) for i in todo]
     if not workers or workers <= 1 or len(todo) <= 1:
-        for a in args:
-            yield a[2], _build_shard(*a)
+        yield ((a[2], _build_shard(*a)) for a in args)
         return
-    executor = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_pool_context())
+    executor = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=pool_context())
     try:
-        pending = {executor.submit(_build_shard, *a): a[2] for a in args}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                i = pending.pop(future)
-                yield i, future.result()
+        index_of = {executor.submit(_build_shard, *a): a[2] for a in args}
+        yield ((index_of[f], f.result()) for f in as_completed(index_of))
     finally:
         # On an error or an interrupt, queued shards are dropped; finished ones are already recorded.
         executor.shutdown(wait=True, cancel_futures=True)
@@ -368,7 +388,14 @@ def _final_manifest(header: dict, plan: list[list[str]], records: dict[int, dict
         "shards": len(plan),
         "bytes": sum(s["bytes"] for s in shards),
     }
-    return {**header, "complete": True, "counts": counts, "shards": shards, "locations": locations, "skipped": skipped}
+    return {
+        **header,
+        "complete": True,
+        "counts": counts,
+        "shards": shards,
+        "locations": locations,
+        "skipped": skipped,
+    }
 
 
 class ImageCache:
@@ -391,9 +418,13 @@ class ImageCache:
         self.cache_dir = Path(cache_dir)
         manifest = _read_manifest(self.cache_dir)
         if manifest is None:
-            raise DataError(f"{self.cache_dir} holds no {MANIFEST}: build the cache with `ssl-kvasir prepare`")
+            raise DataError(
+                f"{self.cache_dir} holds no {MANIFEST}: build the cache with `ssl-kvasir prepare`"
+            )
         if not manifest.get("complete"):
-            raise DataError(f"cache {self.cache_dir} is incomplete (its build was interrupted): rerun ssl-kvasir prepare")
+            raise DataError(
+                f"cache {self.cache_dir} is incomplete (its build was interrupted): rerun ssl-kvasir prepare"
+            )
         self.size: int = manifest["size"]
         if expected_size is not None and self.size != expected_size:
             raise DataError(
@@ -406,7 +437,9 @@ class ImageCache:
         self._shard_files = [s["name"] for s in manifest["shards"]]
         locations = manifest["locations"]
         keys = np.array([p.encode("utf-8") for p in locations], dtype=bytes)  # (N,) fixed-width byte strings
-        where = np.array(list(locations.values()), dtype=np.int64).reshape(-1, 3)  # (N, 3) shard, offset, length
+        where = np.array(list(locations.values()), dtype=np.int64).reshape(
+            -1, 3
+        )  # (N, 3) shard, offset, length
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]  # (N,) sorted for binary search
         self._where = where[order]  # (N, 3)
@@ -472,7 +505,9 @@ class ImageCache:
 
     def load(self, path: str | Path, min_size: int | None = None) -> Image.Image:
         """The cached image of ``path`` as RGB, DCT-scaled down while its shorter side stays >= ``min_size``."""
-        return decode_image(self.read_bytes(path), min_size, name=f"{Path(path).as_posix()} in cache {self.cache_dir}")
+        return decode_image(
+            self.read_bytes(path), min_size, name=f"{Path(path).as_posix()} in cache {self.cache_dir}"
+        )
 
     def close(self) -> None:
         """Close the shard files this process opened (reading again reopens them)."""
@@ -487,7 +522,6 @@ class ImageCache:
         return state
 
     def __del__(self) -> None:
-        try:
+        # At interpreter exit or after a failed __init__ there may be nothing (left) to close.
+        with contextlib.suppress(OSError, AttributeError):
             self.close()
-        except (OSError, AttributeError):
-            pass

@@ -131,7 +131,9 @@ def render_image(label: int, width: int, height: int, rng: np.random.Generator) 
         img += np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / rng.uniform(2e-5, 1.5e-4))[..., None]
     img += rng.normal(0, 0.04, img.shape)
     # The round field of view of the endoscope, cut by the frame on the long side.
-    fov = ((xx - 0.5) / rng.uniform(0.5, 0.6)) ** 2 + ((yy - ch / _CANVAS_WIDTH / 2) / (0.62 * ch / _CANVAS_WIDTH)) ** 2
+    fov = ((xx - 0.5) / rng.uniform(0.5, 0.6)) ** 2 + (
+        (yy - ch / _CANVAS_WIDTH / 2) / (0.62 * ch / _CANVAS_WIDTH)
+    ) ** 2
     img[fov > 1.0] = 0.0
     if rng.random() < _PIP_PROBABILITY:
         _draw_pip(img, rng)
@@ -265,7 +267,9 @@ def write_image_folder_dataset(
     labels = np.asarray(labels)
     unlabeled_mask = np.asarray(unlabeled_mask, dtype=bool)
     if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-        raise ConfigError(f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise ConfigError(
+            f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}"
+        )
     if not len(images) == len(labels) == len(unlabeled_mask):
         raise ConfigError(
             f"{len(images)} images, {len(labels)} labels and {len(unlabeled_mask)} mask entries must agree"

@@ -131,7 +131,7 @@ class BaseMethod(L.LightningModule):
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of every process, concatenated along the batch (``x`` itself on one process)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x).flatten(0, 1)
 

@@ -1,0 +1,126 @@
+"""kNN of the unlabeled pile against the labeled images: FAISS flat inner product vs scikit-learn brute force.
+
+The HyperKvasir shape: 99,417 unlabeled queries against 10,662 labeled vectors, k = 20, at 512 (ResNet-18)
+and 2048 (ResNet-50) dimensions, on random L2-normalised vectors. Both searches are exact, so the work is one
+(Q, D) x (D, N) matrix product plus a top-k; the script also measures this machine's own float32 matmul rate
+(numpy and torch, same shapes) to say how close to the hardware each search gets:
+GFLOP/s = 2 * Q * N * D / time.
+
+scikit-learn is timed on a subsample of the queries (``--sklearn-queries``) and its time scaled linearly to
+all queries (brute-force kNN costs the same per query); the output says so. Queries are generated batch by
+batch so the 2048-d run does not hold 0.8 GB of queries.
+
+    python bench/bench_knn.py            # all 99,417 queries (about 2 minutes on 2 cores)
+    python bench/bench_knn.py --quick    # 20,000 queries
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ssl_kvasir.analysis.knn import build_index, l2_normalize
+
+N_LABELED, N_UNLABELED, K = 10_662, 99_417, 20
+
+
+def _queries(start: int, stop: int, dim: int, seed: int) -> np.ndarray:
+    """Queries ``start..stop`` (deterministic per batch, so both methods see the same vectors)."""
+    return l2_normalize(np.random.default_rng([seed, 0, start]).standard_normal((stop - start, dim), dtype=np.float32))
+
+
+def matmul_gflops(dim: int, n: int, rows: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` float32 GFLOP/s of a (rows, dim) x (dim, n) product, numpy and torch."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, dim), dtype=np.float32)
+    b = rng.standard_normal((n, dim), dtype=np.float32)
+    flops = 2.0 * rows * n * dim
+    rates = {}
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t)
+    rates["numpy"] = flops / best / 1e9
+    try:
+        import torch
+    except ImportError:
+        return rates
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ta @ tb.T
+        best = min(best, time.perf_counter() - t)
+    rates["torch"] = flops / best / 1e9
+    return rates
+
+
+def bench_faiss(db: np.ndarray, n_queries: int, dim: int, seed: int, batch: int) -> tuple[float, np.ndarray]:
+    """Seconds to search every query (query generation excluded); ids of the first batch for the check."""
+    index = build_index(db, use_gpu=False)
+    elapsed, first_ids = 0.0, None
+    for start in range(0, n_queries, batch):
+        q = _queries(start, min(start + batch, n_queries), dim, seed)
+        t = time.perf_counter()
+        _, ids = index.search(q, K)
+        elapsed += time.perf_counter() - t
+        if first_ids is None:
+            first_ids = ids
+    return elapsed, first_ids
+
+
+def bench_sklearn(db: np.ndarray, n_queries: int, dim: int, seed: int) -> tuple[float, np.ndarray]:
+    """Seconds for scikit-learn brute-force kNN of the first ``n_queries`` queries.
+
+    Euclidean distance on unit vectors ranks neighbours exactly as cosine similarity does
+    (|a - b|^2 = 2 - 2 a.b) and takes scikit-learn's fastest path (a GEMM per chunk).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    q = _queries(0, n_queries, dim, seed)
+    nn = NearestNeighbors(n_neighbors=K, algorithm="brute", metric="euclidean").fit(db)
+    t = time.perf_counter()
+    _, ids = nn.kneighbors(q)
+    return time.perf_counter() - t, ids
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="20,000 queries instead of 99,417")
+    p.add_argument("--queries", type=int, help="number of queries (overrides --quick)")
+    p.add_argument("--sklearn-queries", type=int, default=5000, help="queries timed for scikit-learn (scaled)")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--batch", type=int, default=8192, help="FAISS query batch")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    n_queries = a.queries or (20_000 if a.quick else N_UNLABELED)
+    n_sk = min(a.sklearn_queries, n_queries)
+    print(f"kNN k={K}: {n_queries:,} queries against {N_LABELED:,} database vectors (exact cosine)")
+    for dim in a.dims:
+        db = l2_normalize(np.random.default_rng([a.seed, 1, 0]).standard_normal((N_LABELED, dim), dtype=np.float32))
+        flops = 2.0 * n_queries * N_LABELED * dim
+        peak = matmul_gflops(dim, N_LABELED)
+        best_peak = max(peak.values())
+        faiss_s, faiss_ids = bench_faiss(db, n_queries, dim, a.seed, a.batch)
+        sk_s, sk_ids = bench_sklearn(db, n_sk, dim, a.seed)
+        sk_scaled = sk_s * n_queries / n_sk
+        m = min(len(faiss_ids), len(sk_ids))
+        same = np.mean([set(f) == set(s) for f, s in zip(faiss_ids[:m], sk_ids[:m], strict=True)])
+        print(f"\nD={dim}: matmul reference " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()))
+        print(
+            f"  faiss IndexFlatIP   {faiss_s:7.2f} s  {n_queries / faiss_s:9,.0f} queries/s  "
+            f"{flops / faiss_s / 1e9:7,.0f} GFLOP/s ({flops / faiss_s / 1e9 / best_peak:.0%} of matmul)"
+        )
+        print(
+            f"  sklearn brute       {sk_scaled:7.2f} s  {n_queries / sk_scaled:9,.0f} queries/s  "
+            f"{flops / sk_scaled / 1e9:7,.0f} GFLOP/s ({flops / sk_scaled / 1e9 / best_peak:.0%} of matmul)"
+            f"  [timed on {n_sk:,} queries ({sk_s:.2f} s), scaled x{n_queries / n_sk:.1f}]"
+        )
+        print(f"  ratio faiss / sklearn speed: {sk_scaled / faiss_s:.2f}x   same top-{K} sets on {m:,} checked queries: {same:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Oracle tests of losses, masking strategies, distribution alignment, EMA and the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_kvasir.losses import masked_cross_entropy, soft_cross_entropy
+from ssl_kvasir.methods.base import fixmatch_cosine
+from ssl_kvasir.models.ema import EMA
+from ssl_kvasir.pseudo_labels.masking import ClassAdaptiveThreshold, DistributionAlignment, FixedThreshold
+
+
+@pytest.mark.parametrize(("b", "c"), [(1, 2), (7, 5), (64, 23)])
+def test_soft_cross_entropy_equals_naive_and_hard_case(b, c):
+    g = torch.Generator().manual_seed(b * c)
+    logits = torch.randn(b, c, generator=g)
+    targets = torch.rand(b, c, generator=g).softmax(1)
+    naive = torch.stack([-sum(targets[i, k] * torch.log(logits[i].softmax(0)[k]) for k in range(c)) for i in range(b)])
+    assert torch.allclose(soft_cross_entropy(logits, targets, "none"), naive, atol=1e-5)
+    y = torch.randint(0, c, (b,), generator=g)
+    assert torch.allclose(soft_cross_entropy(logits, F.one_hot(y, c).float()), F.cross_entropy(logits, y), atol=1e-6)
+
+
+def test_masked_cross_entropy_averages_over_all_unlabeled_images():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(10, 4, generator=g), torch.randint(0, 4, (10,), generator=g)
+    mask = (torch.arange(10) % 3 == 0).float()
+    naive = sum(F.cross_entropy(logits[i : i + 1], y[i : i + 1]) * mask[i] for i in range(10)) / 10
+    assert torch.allclose(masked_cross_entropy(logits, y, mask), naive)
+    assert masked_cross_entropy(logits, y, torch.zeros(10)) == 0
+
+
+@pytest.mark.parametrize("loss_fn", ["soft", "masked"])
+def test_losses_go_down(loss_fn):
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    y = (x @ torch.randn(8, 3)).argmax(1)  # linearly separable
+    model = torch.nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(30):
+        if loss_fn == "soft":
+            loss = soft_cross_entropy(model(x), F.one_hot(y, 3).float())
+        else:
+            loss = masked_cross_entropy(model(x), y, torch.ones(32))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fixed_threshold():
+    probs = torch.tensor([[0.96, 0.04], [0.5, 0.5], [0.05, 0.95]])
+    assert FixedThreshold(0.95)(probs, torch.arange(3)).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_class_adaptive_threshold_equals_flexmatch_formula():
+    torch.manual_seed(0)
+    n, c, tau = 50, 4, 0.9
+    m = ClassAdaptiveThreshold(n, c, tau)
+    naive_selected = [-1] * n
+    for _ in range(5):
+        idx = torch.randperm(n)[:16]
+        probs = (torch.randn(16, c) * 3).softmax(1)
+        # naive FlexMatch: sigma_c over the latest confident predictions, warm-up normaliser, convex mapping
+        sigma = [sum(1 for s in naive_selected if s == k) for k in range(c)]
+        unused = sum(1 for s in naive_selected if s == -1)
+        norm = max(max(sigma), unused)
+        thresholds = [(sigma[k] / norm) / (2 - sigma[k] / norm) * tau for k in range(c)]
+        expected = [float(probs[i].max() >= thresholds[int(probs[i].argmax())]) for i in range(16)]
+        assert m(probs, idx).tolist() == expected
+        m.update(probs, idx)
+        for i in range(16):
+            if probs[i].max() > tau:
+                naive_selected[int(idx[i])] = int(probs[i].argmax())
+        assert m.selected.tolist() == naive_selected
+
+
+def test_class_adaptive_threshold_lowers_bar_for_unlearned_classes():
+    m = ClassAdaptiveThreshold(100, 3, 0.95)
+    probs = torch.tensor([[0.99, 0.005, 0.005]] * 60)
+    m.update(probs, torch.arange(60))
+    t = m.class_thresholds()
+    assert t[0] == pytest.approx(0.95) and t[1] == t[2] == 0  # learned class at tau, the others open
+
+
+def test_distribution_alignment_equals_naive():
+    target = torch.tensor([1.0, 1.0, 2.0])
+    da = DistributionAlignment(target, momentum=0.9)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    da.update(probs)
+    running = 0.9 * torch.full((3,), 1 / 3) + 0.1 * probs.mean(0)
+    expected = probs * (target / target.sum()) / running
+    expected = expected / expected.sum(1, keepdim=True)
+    assert torch.allclose(da(probs), expected, atol=1e-6)
+    assert torch.allclose(da.model_dist, running)
+
+
+def test_ema_equals_naive_average_with_warmup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(model, decay=0.99)
+    naive = {k: v.clone().float() for k, v in model.state_dict().items()}
+    for k in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 3))  # moves the BatchNorm running statistics
+        d = min(0.99, (1 + k) / (10 + k))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update(model)
+        for name, v in model.state_dict().items():
+            naive[name] = d * naive[name] + (1 - d) * v.float() if v.dtype.is_floating_point else v.clone()
+    for name, v in ema.module.state_dict().items():
+        assert torch.allclose(v.float(), naive[name].float(), atol=1e-5), name
+    assert ema.module.training is False and all(not p.requires_grad for p in ema.module.parameters())
+
+
+def test_fixed_decay_keeps_initial_weights_a_long_time():
+    # The reason for the warm-up: 0.999**1300 of the random initial weights remain without it.
+    assert 0.999**1300 == pytest.approx(0.27, abs=0.01)
+    assert EMA(torch.nn.Linear(1, 1), 0.999, warmup=False).current_decay() == 0.999
+
+
+def test_fixmatch_cosine_schedule():
+    assert fixmatch_cosine(0, 100) == 1.0
+    assert fixmatch_cosine(100, 100) == pytest.approx(math.cos(7 * math.pi / 16))
+    assert fixmatch_cosine(50, 100) == pytest.approx(math.cos(7 * math.pi * 50 / 1600))
+    assert fixmatch_cosine(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert fixmatch_cosine(10, 100, warmup_steps=10) == 1.0

