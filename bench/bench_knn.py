@@ -28,10 +28,12 @@ N_LABELED, N_UNLABELED, K = 10_662, 99_417, 20
 
 def _queries(start: int, stop: int, dim: int, seed: int) -> np.ndarray:
     """Queries ``start..stop`` (deterministic per batch, so both methods see the same vectors)."""
-    return l2_normalize(np.random.default_rng([seed, 0, start]).standard_normal((stop - start, dim), dtype=np.float32))
+    return l2_normalize(
+        np.random.default_rng([seed, 0, start]).standard_normal((stop - start, dim), dtype=np.float32)
+    )
 
 
-def matmul_gflops(dim: int, n: int, rows: int = 4096, repeats: int = 3) -> dict[str, float]:
+def matmul_gflops(dim: int, n: int, rows: int = 2048, repeats: int = 3) -> dict[str, float]:
     """Best-of-``repeats`` float32 GFLOP/s of a (rows, dim) x (dim, n) product, numpy and torch."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -91,7 +93,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20,000 queries instead of 99,417")
     p.add_argument("--queries", type=int, help="number of queries (overrides --quick)")
-    p.add_argument("--sklearn-queries", type=int, default=5000, help="queries timed for scikit-learn (scaled)")
+    p.add_argument(
+        "--sklearn-queries", type=int, default=3000, help="queries timed for scikit-learn (scaled)"
+    )
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--batch", type=int, default=8192, help="FAISS query batch")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +104,9 @@ def main() -> None:
     n_sk = min(a.sklearn_queries, n_queries)
     print(f"kNN k={K}: {n_queries:,} queries against {N_LABELED:,} database vectors (exact cosine)")
     for dim in a.dims:
-        db = l2_normalize(np.random.default_rng([a.seed, 1, 0]).standard_normal((N_LABELED, dim), dtype=np.float32))
+        db = l2_normalize(
+            np.random.default_rng([a.seed, 1, 0]).standard_normal((N_LABELED, dim), dtype=np.float32)
+        )
         flops = 2.0 * n_queries * N_LABELED * dim
         peak = matmul_gflops(dim, N_LABELED)
         best_peak = max(peak.values())
@@ -119,7 +125,9 @@ def main() -> None:
             f"{flops / sk_scaled / 1e9:7,.0f} GFLOP/s ({flops / sk_scaled / 1e9 / best_peak:.0%} of matmul)"
             f"  [timed on {n_sk:,} queries ({sk_s:.2f} s), scaled x{n_queries / n_sk:.1f}]"
         )
-        print(f"  ratio faiss / sklearn speed: {sk_scaled / faiss_s:.2f}x   same top-{K} sets on {m:,} checked queries: {same:.1%}")
+        print(
+            f"  ratio faiss / sklearn speed: {sk_scaled / faiss_s:.2f}x   same top-{K} sets on {m:,} checked queries: {same:.1%}"
+        )
 
 
 if __name__ == "__main__":

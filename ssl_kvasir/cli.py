@@ -248,9 +248,12 @@ def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
 def _setup_logging() -> None:
     import logging
 
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    # A console without a fixed file writes to whatever sys.stderr is at the time of each message.
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
 
 
 def _fit(argv: list[str]) -> int:
@@ -291,7 +294,9 @@ def _composition(argv: list[str]) -> int:
         prog="ssl-kvasir composition",
         description="Count predicted classes per prediction file (authors' or ssl_kvasir format) and compare them.",
     )
-    p.add_argument("--predictions", type=Path, nargs="+", required=True, help="prediction files, named by file stem")
+    p.add_argument(
+        "--predictions", type=Path, nargs="+", required=True, help="prediction files, named by file stem"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     a = p.parse_args(argv)
     report = write_composition_report(a.predictions, a.out)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssl_kvasir.config import require
 from ssl_kvasir.data.archive import Catalog, load_catalog
 from ssl_kvasir.data.datamodule import KvasirDataModule
-from ssl_kvasir.data.splits import ExperimentSplit, make_split
+from ssl_kvasir.data.splits import ExperimentSplit, make_split, unlabeled_pool
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write_json
 from ssl_kvasir.methods import METHODS, BaseMethod
@@ -323,9 +323,7 @@ def make_results(
         "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
         "labels_per_class": cfg.data.labels_per_class,
         "n_labeled": int(len(exp.split.labeled)),
-        "n_unlabeled": int(len(module.trainer.datamodule.streams["ulb"].rows))
-        if "ulb" in module.trainer.datamodule.streams
-        else 0,
+        "n_unlabeled": int(len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))),
         "n_val": int(len(exp.split.val)),
         "n_test": int(len(exp.split.test)),
         "steps": steps,

@@ -30,7 +30,9 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
     umap_png = plot_umap(coords, predicted, HYPERKVASIR_CLASSES, tmp_path / "umap.png", is_labeled=labeled)
     table = composition_table({"a": predicted, "b": rng.integers(0, 23, size=100)})
     bars_png = plot_composition(table, tmp_path / "figs" / "composition.png", log_scale=True)
-    knn_png = plot_knn_confusion(predicted[:50], rng.integers(0, 23, size=50), HYPERKVASIR_CLASSES, tmp_path / "knn.png")
+    knn_png = plot_knn_confusion(
+        predicted[:50], rng.integers(0, 23, size=50), HYPERKVASIR_CLASSES, tmp_path / "knn.png"
+    )
     for png in (umap_png, bars_png, knn_png):
         assert png.read_bytes()[:8] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "knn.png", "umap.png"]  # no temporary files
@@ -43,7 +45,9 @@ def test_class_colors_are_distinct() -> None:
 
 def test_wandb_logging_needs_an_active_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     logged = []
-    fake = types.SimpleNamespace(run=None, Image=lambda path: ("image", path), log=lambda data, step=None: logged.append((data, step)))
+    fake = types.SimpleNamespace(
+        run=None, Image=lambda path: ("image", path), log=lambda data, step=None: logged.append((data, step))
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     assert log_images_to_wandb({"analysis/umap": tmp_path / "u.png"}) is False and logged == []
     fake.run = object()

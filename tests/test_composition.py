@@ -13,7 +13,11 @@ from ssl_kvasir.analysis.composition import agreement_matrix, composition_table
 from ssl_kvasir.cli import main
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.pseudo_labels.table import build_pseudo_label_table, write_authors_predictions, write_pseudo_labels
+from ssl_kvasir.pseudo_labels.table import (
+    build_pseudo_label_table,
+    write_authors_predictions,
+    write_pseudo_labels,
+)
 
 
 def test_composition_equals_naive_count() -> None:
@@ -52,7 +56,9 @@ def _prediction_files(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarra
     write_authors_predictions(authors, names, authors_probs)
     # Our export lists the images in another order, and 10 of them are missing.
     order = rng.permutation(60)[:50]
-    table = build_pseudo_label_table([f"unlabeled-images/images/{names[i]}" for i in order], ours_probs[order])
+    table = build_pseudo_label_table(
+        [f"unlabeled-images/images/{names[i]}" for i in order], ours_probs[order]
+    )
     ours = write_pseudo_labels(table, tmp_path / "in" / "ours.csv")
     return authors, ours, authors_probs.argmax(axis=1), ours_probs.argmax(axis=1)[order]
 

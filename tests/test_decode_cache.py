@@ -303,6 +303,8 @@ def test_size_and_folder_mismatches_raise(synth_archive, tmp_path):
     with pytest.raises(DataError, match="not a cache folder"):
         _prepare(synth_archive, paths, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(DataError, match="relative to the archive root"):
+        _prepare(synth_archive, ["../elsewhere.jpg"], tmp_path / "c2")
 
 
 def _read_in_child(cache: ImageCache, paths: list[str], queue) -> None:

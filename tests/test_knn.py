@@ -28,7 +28,9 @@ def _brute(db: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return _unit(queries.astype(np.float64)) @ _unit(db.astype(np.float64)).T  # (Q, N) cosine similarities
 
 
-def _assert_same_neighbours(sims: np.ndarray, ids: np.ndarray, db: np.ndarray, queries: np.ndarray, k: int) -> None:
+def _assert_same_neighbours(
+    sims: np.ndarray, ids: np.ndarray, db: np.ndarray, queries: np.ndarray, k: int
+) -> None:
     """Ties may come in any order: check the reported sims are the true top-k and belong to the ids."""
     full = _brute(db, queries)  # (Q, N)
     expected = -np.sort(-full, axis=1)[:, :k]  # (Q, k) descending
@@ -41,7 +43,9 @@ def _assert_same_neighbours(sims: np.ndarray, ids: np.ndarray, db: np.ndarray, q
 def test_flat_search_equals_brute_force(batch_size: int) -> None:
     rng = np.random.default_rng(0)
     db, queries = rng.normal(size=(400, 24)), rng.normal(size=(53, 24)) * 3  # norms vary: normalised inside
-    sims, ids = knn_search(build_index(db.astype(np.float16)), queries.astype(np.float16), k=10, batch_size=batch_size)
+    sims, ids = knn_search(
+        build_index(db.astype(np.float16)), queries.astype(np.float16), k=10, batch_size=batch_size
+    )
     assert sims.shape == ids.shape == (53, 10) and sims.dtype == np.float32 and ids.dtype == np.int64
     _assert_same_neighbours(sims, ids, db.astype(np.float16), queries.astype(np.float16), 10)
 

@@ -56,7 +56,9 @@ def test_authors_file_round_trips_byte_for_byte(tmp_path: Path) -> None:
     assert list(frame.predicted_class) == ["bbps-2-3", "polyps", "cecum"]
     assert frame.loc[1, "N"] == pytest.approx(0.811)
     out = tmp_path / "again.csv"
-    write_authors_predictions(out, frame.filename, frame[HYPERKVASIR_CLASSES.letters].to_numpy(), frame.paper_index)
+    write_authors_predictions(
+        out, frame.filename, frame[HYPERKVASIR_CLASSES.letters].to_numpy(), frame.paper_index
+    )
     assert out.read_bytes() == AUTHORS_SAMPLE.encode()
 
 
@@ -89,7 +91,10 @@ def _replace_line(line_no: int, old: str, new: str) -> str:
         (_replace_line(3, ",13,", ",-1,"), ":3: predicted-label '-1'"),
         (_replace_line(4, ",1.000,", ",abc,"), ":4: probability 'abc' is not a number"),
         (_replace_line(2, ",0.995,", ",1.995,"), ":2: probability 1.995 is outside"),
-        (_replace_line(4, "ffe2b0a9-77c1-4d8e-8c1e-2f9a0d6b5e33", "00028ab5-1e41-4a33-a1b7-30eac2d4bd22"), ":4: file name .* listed twice \\(first on line 2\\)"),
+        (
+            _replace_line(4, "ffe2b0a9-77c1-4d8e-8c1e-2f9a0d6b5e33", "00028ab5-1e41-4a33-a1b7-30eac2d4bd22"),
+            ":4: file name .* listed twice \\(first on line 2\\)",
+        ),
         (_replace_line(2, ",0.995,", ","), ":2: expected 25 comma-separated fields, got 24"),
         (_replace_line(2, "00028ab5", "images/00028ab5"), ":2: file name 'images/00028ab5.* bare file name"),
         (AUTHORS_SAMPLE.split("\n")[0] + "\n", "lists no images"),
@@ -110,7 +115,9 @@ def test_missing_prediction_file(tmp_path: Path) -> None:
         read_pseudo_labels(tmp_path / "nope.csv")
 
 
-def _random_table(n: int = 30, seed: int = 0, knn: bool = True, clusters: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+def _random_table(
+    n: int = 30, seed: int = 0, knn: bool = True, clusters: bool = True
+) -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(23) * 0.3, size=n)  # (n, 23)
     probs[0] = 0.0
@@ -150,7 +157,9 @@ def test_table_without_knn_or_clusters_has_empty_columns(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("knn", "clusters"), [(True, True), (False, False)])
-def test_export_round_trips(tmp_path: Path, knn: bool, clusters: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_round_trips(
+    tmp_path: Path, knn: bool, clusters: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(table_module, "CHUNK_ROWS", 7)  # several chunks
     table, _ = _random_table(n=30, knn=knn, clusters=clusters)
     write_pseudo_labels(table, tmp_path / "pl.csv")
@@ -176,13 +185,23 @@ def test_authors_export_of_a_table_reads_back(tmp_path: Path) -> None:
 
 def test_select_equals_naive_filter() -> None:
     table, _ = _random_table(n=200, seed=3)
-    for min_conf, top_k, agree in [(0.0, None, False), (0.4, None, False), (0.2, 3, False), (0.0, 2, True), (0.3, 1, True)]:
-        kept = select_pseudo_labels(table, min_confidence=min_conf, top_k_per_class=top_k, require_agreement=agree)
+    for min_conf, top_k, agree in [
+        (0.0, None, False),
+        (0.4, None, False),
+        (0.2, 3, False),
+        (0.0, 2, True),
+        (0.3, 1, True),
+    ]:
+        kept = select_pseudo_labels(
+            table, min_confidence=min_conf, top_k_per_class=top_k, require_agreement=agree
+        )
         rows = [r for r in table.itertuples() if r.confidence >= min_conf and (not agree or r.knn_agrees)]
         if top_k is not None:
             chosen = []
             for c in range(23):
-                ranked = sorted((r for r in rows if r.paper_index == c), key=lambda r: (-r.confidence, r.Index))
+                ranked = sorted(
+                    (r for r in rows if r.paper_index == c), key=lambda r: (-r.confidence, r.Index)
+                )
                 chosen += ranked[:top_k]
             rows = sorted(chosen, key=lambda r: r.Index)
         assert list(kept.index) == [r.Index for r in rows], (min_conf, top_k, agree)
@@ -220,7 +239,9 @@ def _edit(path: Path, column: str, row: int, value: str) -> None:
         ("path", "unlabeled-images/images/000.jpg", ":4: path .* is listed twice"),
     ],
 )
-def test_bad_pseudo_label_files_name_the_file_and_line(tmp_path: Path, column: str, value: str, message: str) -> None:
+def test_bad_pseudo_label_files_name_the_file_and_line(
+    tmp_path: Path, column: str, value: str, message: str
+) -> None:
     path = _written(tmp_path)
     _edit(path, column, 2, value)
     with pytest.raises(DataError, match=f"{path}{message}"):

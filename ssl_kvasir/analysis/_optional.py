@@ -21,4 +21,6 @@ def import_optional(module: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"the optional dependency {module!r} cannot be imported ({e}); install it: {install}") from e
+        raise ConfigError(
+            f"the optional dependency {module!r} cannot be imported ({e}); install it: {install}"
+        ) from e

@@ -46,7 +46,9 @@ def umap_embed(
     if x.ndim != 2:
         raise DataError(f"features must be an (N, D) array, got shape {x.shape}")
     if len(x) <= n_neighbors:
-        raise ConfigError(f"UMAP with n_neighbors={n_neighbors} needs more than {n_neighbors} points, got {len(x)}")
+        raise ConfigError(
+            f"UMAP with n_neighbors={n_neighbors} needs more than {n_neighbors} points, got {len(x)}"
+        )
     reducer = umap.UMAP(
         n_components=n_components,
         n_neighbors=n_neighbors,
@@ -118,7 +120,9 @@ def cluster_purity(cluster_labels: np.ndarray, class_labels: np.ndarray, num_cla
     if clusters.shape != classes.shape or clusters.ndim != 1:
         raise DataError(f"cluster labels {clusters.shape} and class labels {classes.shape} must both be (N,)")
     if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
-        raise DataError(f"class labels must lie in 0..{num_classes - 1}, got {classes.min()}..{classes.max()}")
+        raise DataError(
+            f"class labels must lie in 0..{num_classes - 1}, got {classes.min()}..{classes.max()}"
+        )
     if clusters.size and clusters.min() < -1:
         raise DataError(f"cluster labels must be >= -1 (-1 = noise), got {clusters.min()}")
     ids, cluster_pos = np.unique(clusters, return_inverse=True)  # (K,), (N,)

@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def composition_table(sources: Mapping[str, np.ndarray], classes: ClassTable = HYPERKVASIR_CLASSES) -> pd.DataFrame:
+def composition_table(
+    sources: Mapping[str, np.ndarray], classes: ClassTable = HYPERKVASIR_CLASSES
+) -> pd.DataFrame:
     """Count images per predicted class, one column per source.
 
     Args:
@@ -72,11 +74,15 @@ def agreement_matrix(
     """
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     if a.shape != b.shape or a.ndim != 1:
-        raise DataError(f"the two sources must be (N,) arrays of the same length, got {a.shape} and {b.shape}")
+        raise DataError(
+            f"the two sources must be (N,) arrays of the same length, got {a.shape} and {b.shape}"
+        )
     for arr in (a, b):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise DataError(f"class indices must lie in 0..{num_classes - 1}")
-    counts = np.bincount(a * num_classes + b, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = np.bincount(a * num_classes + b, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
     labels = list(names) if names is not None else list(range(num_classes))
     rate = float(np.trace(counts) / len(a)) if len(a) else float("nan")
     return pd.DataFrame(counts, index=labels, columns=labels), rate
@@ -127,7 +133,9 @@ def write_composition_report(
     clash = next((s for s in stems if stems.count(s) > 1), None)
     if clash is not None:
         same = ", ".join(str(p) for p in paths if p.stem == clash)
-        raise DataError(f"prediction files {same} have the same name {clash!r}; sources are named by file stem")
+        raise DataError(
+            f"prediction files {same} have the same name {clash!r}; sources are named by file stem"
+        )
     frames = {stem: read_pseudo_labels(p, classes) for stem, p in zip(stems, paths, strict=True)}
     table = composition_table({stem: f.paper_index.to_numpy() for stem, f in frames.items()}, classes)
     report = CompositionReport(table=table)
@@ -150,7 +158,15 @@ def write_composition_report(
         key = f"agreement_{stem_a}_vs_{stem_b}"
         report.files[key] = out_dir / f"{key}.csv"
         _write_csv(matrix, report.files[key], index=True)
-        rows.append({"a": stem_a, "b": stem_b, "n_common": len(joined), "n_agree": int(np.trace(matrix.to_numpy())), "rate": rate})
+        rows.append(
+            {
+                "a": stem_a,
+                "b": stem_b,
+                "n_common": len(joined),
+                "n_agree": int(np.trace(matrix.to_numpy())),
+                "rate": rate,
+            }
+        )
     if rows:
         report.agreement = pd.DataFrame(rows)
         report.files["agreement"] = out_dir / "agreement.csv"

@@ -109,8 +109,15 @@ class EmbeddingWriter:
         self.out_dir = Path(out_dir)
         dtype_name = np.dtype(dtype).name
         if dtype_name not in _FEATURE_DTYPES:
-            raise ConfigError(f"embedding dtype must be one of {', '.join(_FEATURE_DTYPES)}, got {dtype_name}")
-        for name, value in (("n_rows", n_rows), ("dim", dim), ("num_classes", num_classes), ("chunk_rows", chunk_rows)):
+            raise ConfigError(
+                f"embedding dtype must be one of {', '.join(_FEATURE_DTYPES)}, got {dtype_name}"
+            )
+        for name, value in (
+            ("n_rows", n_rows),
+            ("dim", dim),
+            ("num_classes", num_classes),
+            ("chunk_rows", chunk_rows),
+        ):
             if int(value) < 1:
                 raise ConfigError(f"EmbeddingWriter: {name} must be at least 1, got {value}")
         self.settings = {
@@ -154,7 +161,11 @@ class EmbeddingWriter:
             saved_settings, done = saved["settings"], saved["done_chunks"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{progress}: unreadable progress file ({e}); write to another folder") from None
-        differ = [f"{k}: {saved_settings.get(k)!r} there, {v!r} now" for k, v in self.settings.items() if saved_settings.get(k) != v]
+        differ = [
+            f"{k}: {saved_settings.get(k)!r} there, {v!r} now"
+            for k, v in self.settings.items()
+            if saved_settings.get(k) != v
+        ]
         if differ:
             raise DataError(
                 f"{self.out_dir} holds an embedding run with other settings ({'; '.join(differ)}); "
@@ -171,7 +182,9 @@ class EmbeddingWriter:
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot reopen to resume ({e}); write to another folder") from None
         if array.shape != shape or array.dtype != np.dtype(dtype):
-            raise DataError(f"{path}: shape {array.shape} {array.dtype}, expected {shape} {dtype}; write to another folder")
+            raise DataError(
+                f"{path}: shape {array.shape} {array.dtype}, expected {shape} {dtype}; write to another folder"
+            )
         return array
 
     def _save_progress(self) -> None:
@@ -204,7 +217,9 @@ class EmbeddingWriter:
         paths = [str(p) for p in paths]
         if len(paths) != self.n_rows:
             raise DataError(f"{self.out_dir}: {len(paths)} paths for a store of {self.n_rows} rows")
-        labels_arr = np.full(self.n_rows, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        labels_arr = (
+            np.full(self.n_rows, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        )
         folds_arr = np.full(self.n_rows, -1, np.int64) if folds is None else np.asarray(folds, dtype=np.int64)
         labeled_arr = labels_arr >= 0 if is_labeled is None else np.asarray(is_labeled, dtype=bool)
         for name, arr in (("labels", labels_arr), ("folds", folds_arr), ("is_labeled", labeled_arr)):
@@ -213,7 +228,9 @@ class EmbeddingWriter:
         if len(set(paths)) != len(paths):
             twice = next(p for p, count in Counter(paths).items() if count > 1)
             raise DataError(f"{self.out_dir}: the image list names {twice!r} more than once")
-        index = pd.DataFrame({"path": paths, "label": labels_arr, "fold": folds_arr, "is_labeled": labeled_arr})
+        index = pd.DataFrame(
+            {"path": paths, "label": labels_arr, "fold": folds_arr, "is_labeled": labeled_arr}
+        )
         index_path = self.out_dir / INDEX_FILE
         if index_path.exists():
             old = _read_index(index_path)
@@ -264,7 +281,9 @@ class EmbeddingWriter:
 
     def _check_block(self, features: np.ndarray, probs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if not self._index_written:
-            raise ConfigError("EmbeddingWriter: call write_index() before writing rows, so a resumed run can be checked")
+            raise ConfigError(
+                "EmbeddingWriter: call write_index() before writing rows, so a resumed run can be checked"
+            )
         features, probs = np.asarray(features), np.asarray(probs)
         if features.shape != (n, self.dim) or probs.shape != (n, self.num_classes):
             raise DataError(
@@ -274,7 +293,9 @@ class EmbeddingWriter:
         with np.errstate(over="ignore"):  # an overflow to inf is reported just below, with a hint
             stored = features.astype(self.settings["dtype"], copy=False)  # (n, D)
         if not np.isfinite(stored).all():
-            hint = " (values beyond float16's range: use dtype=float32)" if np.isfinite(features).all() else ""
+            hint = (
+                " (values beyond float16's range: use dtype=float32)" if np.isfinite(features).all() else ""
+            )
             raise DataError(f"{self.out_dir}: features contain NaN or infinite values{hint}")
         if not np.isfinite(probs).all():
             raise DataError(f"{self.out_dir}: probabilities contain NaN or infinite values")
@@ -314,7 +335,9 @@ class EmbeddingWriter:
             self._add_rows = self.pending_rows()
         n = len(features)
         if self._cursor + n > len(self._add_rows):
-            raise DataError(f"{self.out_dir}: {self._cursor + n} rows added, but only {len(self._add_rows)} were pending")
+            raise DataError(
+                f"{self.out_dir}: {self._cursor + n} rows added, but only {len(self._add_rows)} were pending"
+            )
         features, probs = self._check_block(features, probs, n)
         rows = self._add_rows[self._cursor : self._cursor + n]  # (B,) ascending, maybe across chunks
         self._features[rows] = features
@@ -342,7 +365,9 @@ class EmbeddingWriter:
             raise ConfigError("EmbeddingWriter: call write_index() before finalize()")
         left = self.n_rows - self.done_rows()
         if left:
-            raise DataError(f"{self.out_dir}: {left} of {self.n_rows} rows are not written yet; cannot finalize")
+            raise DataError(
+                f"{self.out_dir}: {left} of {self.n_rows} rows are not written yet; cannot finalize"
+            )
         manifest = {
             "format": STORE_FORMAT,
             "n": self.n_rows,
@@ -436,7 +461,9 @@ def load_embeddings(store_dir: str | os.PathLike, expected_paths: Iterable[str] 
             saved = json.loads(progress.read_text(encoding="utf-8"))
             chunk_rows, n = saved["settings"]["chunk_rows"], saved["settings"]["n_rows"]
             done = sum(min(chunk_rows, n - c * chunk_rows) for c in saved["done_chunks"])
-            raise DataError(f"{store_dir}: unfinished embeddings ({done} of {n} rows); run the embedding again to resume")
+            raise DataError(
+                f"{store_dir}: unfinished embeddings ({done} of {n} rows); run the embedding again to resume"
+            )
         raise DataError(f"{store_dir}: not an embedding store (no {MANIFEST_FILE})")
     try:
         meta = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -454,7 +481,9 @@ def load_embeddings(store_dir: str | os.PathLike, expected_paths: Iterable[str] 
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot open ({e})") from None
         if arrays[name].shape != shape or arrays[name].dtype != np.dtype(want_dtype):
-            raise DataError(f"{path}: shape {arrays[name].shape} {arrays[name].dtype}, manifest says {shape} {want_dtype}")
+            raise DataError(
+                f"{path}: shape {arrays[name].shape} {arrays[name].dtype}, manifest says {shape} {want_dtype}"
+            )
     index = _read_index(store_dir / INDEX_FILE)
     if len(index) != n:
         raise DataError(f"{store_dir / INDEX_FILE}: {len(index)} rows, manifest says {n}")

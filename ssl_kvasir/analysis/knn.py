@@ -110,7 +110,9 @@ def build_index(
     return index
 
 
-def _search_batches(index, queries: np.ndarray, k: int, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _search_batches(
+    index, queries: np.ndarray, k: int, batch_size: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, sims (b, k), ids (b, k))`` for consecutive query batches."""
     _check_matrix(queries, "queries", index.d)
     if not 1 <= k <= index.ntotal:
@@ -120,7 +122,9 @@ def _search_batches(index, queries: np.ndarray, k: int, batch_size: int) -> Iter
         yield start, sims, ids
 
 
-def knn_search(index_or_db, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(
+    index_or_db, queries: np.ndarray, k: int, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar database vectors of each query, most similar first.
 
     Args:
@@ -147,7 +151,9 @@ def knn_search(index_or_db, queries: np.ndarray, k: int, batch_size: int = 4096)
     return sims, ids
 
 
-def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, temperature: float = 0.07) -> np.ndarray:
+def knn_vote(
+    sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, temperature: float = 0.07
+) -> np.ndarray:
     """Similarity-weighted kNN vote: class probabilities from the neighbours' labels.
 
     Wu et al. 2018 (Unsupervised feature learning via non-parametric instance discrimination, Sec. 3.4):
@@ -168,7 +174,9 @@ def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, t
     sims = np.asarray(sims, dtype=np.float64)
     labels = np.asarray(neighbour_labels, dtype=np.int64)
     if sims.shape != labels.shape or sims.ndim != 2:
-        raise DataError(f"sims {sims.shape} and neighbour_labels {labels.shape} must be the same (Q, k) shape")
+        raise DataError(
+            f"sims {sims.shape} and neighbour_labels {labels.shape} must be the same (Q, k) shape"
+        )
     if temperature <= 0:
         raise ConfigError(f"the kNN temperature must be positive, got {temperature}")
     if labels.size and labels.max() >= num_classes:
@@ -180,7 +188,9 @@ def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, t
     top = np.where(np.isfinite(top), top, 0.0)
     weights = np.where(valid, np.exp((sims - top) / temperature), 0.0)  # (Q, k)
     n_queries = len(labels)
-    cell = np.arange(n_queries)[:, None] * num_classes + np.where(valid, labels, 0)  # (Q, k) flat (query, class)
+    cell = np.arange(n_queries)[:, None] * num_classes + np.where(
+        valid, labels, 0
+    )  # (Q, k) flat (query, class)
     scores = np.bincount(cell.ravel(), weights=weights.ravel(), minlength=n_queries * num_classes)
     scores = scores.reshape(n_queries, num_classes)  # (Q, C)
     total = scores.sum(axis=1, keepdims=True)  # (Q, 1)

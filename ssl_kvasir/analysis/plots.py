@@ -40,7 +40,9 @@ def class_colors(n: int) -> list[tuple[float, float, float]]:
     """``n`` distinguishable colours: tab20, then Dark2, then evenly spaced hues."""
     from matplotlib import colormaps
 
-    colors = [tuple(c[:3]) for c in colormaps["tab20"].colors] + [tuple(c[:3]) for c in colormaps["Dark2"].colors]
+    colors = [tuple(c[:3]) for c in colormaps["tab20"].colors] + [
+        tuple(c[:3]) for c in colormaps["Dark2"].colors
+    ]
     if n > len(colors):
         hsv = colormaps["hsv"]
         colors += [tuple(hsv(i / (n - len(colors)))[:3]) for i in range(n - len(colors))]
@@ -72,7 +74,9 @@ def plot_umap(
     predicted = np.asarray(predicted, dtype=np.int64)
     n = len(coords)
     if coords.shape != (n, 2) or predicted.shape != (n,):
-        raise DataError(f"UMAP plot needs (N, 2) coordinates and (N,) classes, got {coords.shape} and {predicted.shape}")
+        raise DataError(
+            f"UMAP plot needs (N, 2) coordinates and (N,) classes, got {coords.shape} and {predicted.shape}"
+        )
     labeled = np.zeros(n, bool) if is_labeled is None else np.asarray(is_labeled, dtype=bool)
     colors = np.asarray(class_colors(len(classes)))  # (C, 3)
     fig = _figure(11, 8)
@@ -97,11 +101,28 @@ def plot_umap(
 
     present = np.unique(predicted)
     handles = [
-        Line2D([], [], marker="o", linestyle="", color=colors[c], label=f"{classes[int(c)].letter} {classes[int(c)].folder}")
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            color=colors[c],
+            label=f"{classes[int(c)].letter} {classes[int(c)].folder}",
+        )
         for c in present
     ]
     if labeled.any():
-        handles.append(Line2D([], [], marker="^", linestyle="", color="white", markeredgecolor="black", label="labeled image"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="^",
+                linestyle="",
+                color="white",
+                markeredgecolor="black",
+                label="labeled image",
+            )
+        )
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -110,7 +131,9 @@ def plot_umap(
     return _save_png(fig, path)
 
 
-def plot_composition(table: pd.DataFrame, path: str | os.PathLike, log_scale: bool = False, title: str = "") -> Path:
+def plot_composition(
+    table: pd.DataFrame, path: str | os.PathLike, log_scale: bool = False, title: str = ""
+) -> Path:
     """Grouped bar chart of a composition table: per class, one bar per source.
 
     Args:
@@ -135,8 +158,14 @@ def plot_composition(table: pd.DataFrame, path: str | os.PathLike, log_scale: bo
 
     tab10 = colormaps["tab10"]  # strongly different hues: sources are few, unlike classes
     for i, source in enumerate(sources):
-        ax.bar(x - 0.4 + (i + 0.5) * width, table[source].to_numpy(), width, label=source, color=tab10(i % 10))
-    ax.set_xticks(x, labels=[f"{letter} {name}" for letter, name in zip(table.letter, table["class"], strict=True)], rotation=90)
+        ax.bar(
+            x - 0.4 + (i + 0.5) * width, table[source].to_numpy(), width, label=source, color=tab10(i % 10)
+        )
+    ax.set_xticks(
+        x,
+        labels=[f"{letter} {name}" for letter, name in zip(table.letter, table["class"], strict=True)],
+        rotation=90,
+    )
     ax.set_ylabel("images (predicted class)")
     if log_scale:
         ax.set_yscale("log")

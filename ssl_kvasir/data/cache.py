@@ -265,7 +265,7 @@ def prepare_cache(
 
     Raises:
         DataError: when ``cache_dir`` holds a cache of another size, quality or archive root, or is a
-            non-empty folder that is no cache.
+            non-empty folder that is no cache; when a path is absolute or climbs out of ``root``.
     """
     start = time.perf_counter()
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
@@ -274,6 +274,9 @@ def prepare_cache(
             f"size and shard_size must be >= 1 and quality 1..100, got {size}, {shard_size}, {quality}"
         )
     requested = list(dict.fromkeys(Path(p).as_posix() for p in paths))
+    outside = [p for p in requested if Path(p).is_absolute() or ".." in Path(p).parts]
+    if outside:
+        raise DataError(f"image paths must be relative to the archive root {root}, got {outside[0]!r}")
 
     manifest = _read_manifest(cache_dir)
     if manifest is None:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_kvasir.data.archive import Catalog
-from ssl_kvasir.data.splits import ExperimentSplit
+from ssl_kvasir.data.splits import ExperimentSplit, unlabeled_pool
 from ssl_kvasir.data.transforms import build_view
 
 
@@ -174,8 +174,7 @@ class KvasirDataModule(L.LightningDataModule):
             "lb": Stream(split.labeled, labels[split.labeled], tuple(labeled_views), batch_size)
         }
         if unlabeled_views:
-            pool = [split.unlabeled] * use_archive_unlabeled + [split.rest] * unlabeled_rest
-            rows = np.concatenate(pool) if pool else np.empty(0, dtype=np.int64)
+            rows = unlabeled_pool(split, use_archive_unlabeled, unlabeled_rest)
             if len(rows) == 0:
                 raise ValueError(
                     "the unlabeled pool is empty: the archive has no unlabeled images "
@@ -235,4 +234,4 @@ class KvasirDataModule(L.LightningDataModule):
         return self.loader(self.split.test)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.loader(np.concatenate([self.split.unlabeled, self.split.rest]))
+        return self.loader(unlabeled_pool(self.split))

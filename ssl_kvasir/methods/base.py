@@ -82,6 +82,8 @@ class BaseMethod(L.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if optimizer == "sgd" and nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum needs momentum > 0 (set nesterov=false)")
         if eval_weights == "ema" and not ema_decay:
             raise ValueError("eval_weights=ema needs an EMA (ema_decay > 0)")
         self.save_hyperparameters(ignore=["network"])

@@ -55,7 +55,7 @@ PSEUDO_LABEL_COLUMNS = [
 """
 
 AUTHORS_FIRST_COLUMNS = ["filename", "predicted-label"]
-CHUNK_ROWS = 65536
+CHUNK_ROWS = 16384
 
 
 def _bare_name(path: str) -> str:
@@ -77,7 +77,9 @@ def authors_header(classes: ClassTable = HYPERKVASIR_CLASSES) -> list[str]:
     return AUTHORS_FIRST_COLUMNS + classes.letters
 
 
-def read_authors_predictions(path: str | os.PathLike, classes: ClassTable = HYPERKVASIR_CLASSES) -> pd.DataFrame:
+def read_authors_predictions(
+    path: str | os.PathLike, classes: ClassTable = HYPERKVASIR_CLASSES
+) -> pd.DataFrame:
     """Read a prediction file in the authors' format.
 
     Returns:
@@ -108,16 +110,22 @@ def read_authors_predictions(path: str | os.PathLike, classes: ClassTable = HYPE
             if not fields:
                 continue
             if len(fields) != n_fields:
-                raise DataError(f"{path}:{lineno}: expected {n_fields} comma-separated fields, got {len(fields)}")
+                raise DataError(
+                    f"{path}:{lineno}: expected {n_fields} comma-separated fields, got {len(fields)}"
+                )
             name = fields[0].strip()
             if not name or name != _bare_name(name):
                 raise DataError(f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders)")
             if name in seen:
-                raise DataError(f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})")
+                raise DataError(
+                    f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})"
+                )
             seen[name] = lineno
             label = fields[1].strip()
             if not label.isdigit() or int(label) >= len(classes):
-                raise DataError(f"{path}:{lineno}: predicted-label {label!r} is not a class index 0..{len(classes) - 1}")
+                raise DataError(
+                    f"{path}:{lineno}: predicted-label {label!r} is not a class index 0..{len(classes) - 1}"
+                )
             try:
                 values = [float(v) for v in fields[2:]]
             except ValueError:
@@ -175,21 +183,27 @@ def write_authors_predictions(
             raise DataError(f"{path}: {len(predicted)} predicted labels for {len(names)} file names")
     bad_name = next((n for n in names if "," in n or "\n" in n or not n), None)
     if bad_name is not None:
-        raise DataError(f"{path}: file name {bad_name!r} cannot be written unquoted in a comma-separated file")
+        raise DataError(
+            f"{path}: file name {bad_name!r} cannot be written unquoted in a comma-separated file"
+        )
     row_format = "{},{}" + ",{:.3f}" * len(classes) + "\n"
     with atomic_write(path, "w", encoding="utf-8", newline="") as f:
         f.write(",".join(authors_header(classes)) + "\n")
         for start in range(0, len(names), CHUNK_ROWS):
             block = np.asarray(probs[start : start + CHUNK_ROWS], dtype=np.float64)  # (b, C)
             if not (np.isfinite(block).all() and block.min() >= 0.0 and block.max() <= 1.0):
-                raise DataError(f"{path}: probabilities of rows {start}..{start + len(block) - 1} are not all in [0, 1]")
+                raise DataError(
+                    f"{path}: probabilities of rows {start}..{start + len(block) - 1} are not all in [0, 1]"
+                )
             labels = block.argmax(axis=1) if predicted is None else predicted[start : start + len(block)]
             if labels.min() < 0 or labels.max() >= len(classes):
                 raise DataError(f"{path}: a predicted label lies outside 0..{len(classes) - 1}")
             f.write(
                 "".join(
                     row_format.format(name, label, *row)
-                    for name, label, row in zip(names[start : start + len(block)], labels.tolist(), block.tolist(), strict=True)
+                    for name, label, row in zip(
+                        names[start : start + len(block)], labels.tolist(), block.tolist(), strict=True
+                    )
                 )
             )
 
@@ -240,7 +254,11 @@ def build_pseudo_label_table(
     for start in range(0, n, CHUNK_ROWS):
         p = np.asarray(probs[start : start + CHUNK_ROWS], dtype=np.float64)  # (b, C)
         b = len(p)
-        pred = p.argmax(axis=1) if predicted is None else np.asarray(predicted[start : start + b], dtype=np.int64)
+        pred = (
+            p.argmax(axis=1)
+            if predicted is None
+            else np.asarray(predicted[start : start + b], dtype=np.int64)
+        )
         if pred.min() < 0 or pred.max() >= n_classes:
             raise DataError(f"pseudo-label table: a predicted class lies outside 0..{n_classes - 1}")
         conf = p[rows[:b], pred]  # (b,)
@@ -249,7 +267,9 @@ def build_pseudo_label_table(
         top[start : start + b] = pred
         confidence[start : start + b] = conf
         margin[start : start + b] = conf - others.max(axis=1)
-        entropy[start : start + b] = -(p * np.log(p, out=np.zeros_like(p), where=p > 0)).sum(axis=1)  # 0 log 0 = 0
+        entropy[start : start + b] = -(p * np.log(p, out=np.zeros_like(p), where=p > 0)).sum(
+            axis=1
+        )  # 0 log 0 = 0
         if knn_probs is not None:
             knn_top[start : start + b] = np.asarray(knn_probs[start : start + b]).argmax(axis=1)
     names = np.asarray(classes.names, dtype=object)
@@ -265,7 +285,9 @@ def build_pseudo_label_table(
             "knn_class": names[knn_top] if knn_probs is not None else np.full(n, "", dtype=object),
             "knn_agrees": pd.array(knn_top == top if knn_probs is not None else [pd.NA] * n, dtype="boolean"),
             "cluster": pd.array(clusters if clusters is not None else [pd.NA] * n, dtype="Int64"),
-            "outlier_score": np.asarray(outlier_scores, dtype=np.float64) if outlier_scores is not None else np.full(n, np.nan),
+            "outlier_score": np.asarray(outlier_scores, dtype=np.float64)
+            if outlier_scores is not None
+            else np.full(n, np.nan),
             "checkpoint": np.full(n, checkpoint, dtype=object),
         }
     )
@@ -299,7 +321,9 @@ def select_pseudo_labels(
     if require_agreement:
         agrees = df.knn_agrees.astype("boolean")
         if agrees.isna().all() and len(df):
-            raise ConfigError("require_agreement needs kNN columns, but this pseudo-label table has no kNN vote")
+            raise ConfigError(
+                "require_agreement needs kNN columns, but this pseudo-label table has no kNN vote"
+            )
         keep &= agrees.fillna(False).to_numpy(dtype=bool)
     kept = df[keep]
     if top_k_per_class is not None:
@@ -337,7 +361,9 @@ def write_pseudo_labels(
     """
     path = Path(path)
     if list(df.columns) != PSEUDO_LABEL_COLUMNS:
-        raise DataError(f"{path}: a pseudo-label table needs the columns {PSEUDO_LABEL_COLUMNS}, got {list(df.columns)}")
+        raise DataError(
+            f"{path}: a pseudo-label table needs the columns {PSEUDO_LABEL_COLUMNS}, got {list(df.columns)}"
+        )
     if format == "authors":
         if probs is None:
             raise ConfigError(f"{path}: the authors' format needs the class probabilities (probs=)")
@@ -345,7 +371,9 @@ def write_pseudo_labels(
     elif format == "ssl_kvasir":
         with atomic_write(path, "w", encoding="utf-8", newline="") as f:
             for start in range(0, max(len(df), 1), CHUNK_ROWS):
-                df.iloc[start : start + CHUNK_ROWS].to_csv(f, index=False, header=start == 0, lineterminator="\n")
+                df.iloc[start : start + CHUNK_ROWS].to_csv(
+                    f, index=False, header=start == 0, lineterminator="\n"
+                )
     else:
         raise ConfigError(f"unknown pseudo-label format {format!r}; valid formats: ssl_kvasir, authors")
     return path
@@ -402,9 +430,17 @@ def read_pseudo_labels(path: str | os.PathLike, classes: ClassTable = HYPERKVASI
         raise DataError(f"{path}: the pseudo-label file lists no images")
     lookup = {name.lower(): c.index for c in classes for name in (c.folder, *c.aliases)}
     predicted = raw.predicted_class.str.lower().map(lookup)  # NaN for an unknown name
-    _first_bad(path, predicted.isna().to_numpy(), "predicted_class", raw.predicted_class, "is not a class name")
+    _first_bad(
+        path, predicted.isna().to_numpy(), "predicted_class", raw.predicted_class, "is not a class name"
+    )
     index = pd.to_numeric(raw.paper_index, errors="coerce")
-    _first_bad(path, (index != predicted).to_numpy(), "paper_index", raw.paper_index, "is not the index of its predicted_class")
+    _first_bad(
+        path,
+        (index != predicted).to_numpy(),
+        "paper_index",
+        raw.paper_index,
+        "is not the index of its predicted_class",
+    )
     numbers = {}
     for column in ("confidence", "margin", "entropy", "outlier_score"):
         blank = (raw[column] == "").to_numpy()
@@ -414,11 +450,25 @@ def read_pseudo_labels(path: str | os.PathLike, classes: ClassTable = HYPERKVASI
         _first_bad(path, unparsed, column, raw[column], "is not a number")
         numbers[column] = values
     confidence = numbers["confidence"]
-    _first_bad(path, ~((confidence >= 0) & (confidence <= 1)), "confidence", raw.confidence, "is outside [0, 1]")
+    _first_bad(
+        path, ~((confidence >= 0) & (confidence <= 1)), "confidence", raw.confidence, "is outside [0, 1]"
+    )
     knn = raw.knn_class.str.lower().map(lookup)
-    _first_bad(path, (knn.isna() & (raw.knn_class != "")).to_numpy(), "knn_class", raw.knn_class, "is not a class name")
+    _first_bad(
+        path,
+        (knn.isna() & (raw.knn_class != "")).to_numpy(),
+        "knn_class",
+        raw.knn_class,
+        "is not a class name",
+    )
     agrees = raw.knn_agrees.map({"True": True, "False": False, "": pd.NA})
-    _first_bad(path, agrees.isna().to_numpy() & (raw.knn_agrees != "").to_numpy(), "knn_agrees", raw.knn_agrees, "is not True, False or empty")
+    _first_bad(
+        path,
+        agrees.isna().to_numpy() & (raw.knn_agrees != "").to_numpy(),
+        "knn_agrees",
+        raw.knn_agrees,
+        "is not True, False or empty",
+    )
     cluster = pd.to_numeric(raw.cluster.mask(raw.cluster == "", "nan"), errors="coerce")
     not_int = (cluster.isna() & (raw.cluster != "")) | (cluster.notna() & (cluster != cluster.round()))
     _first_bad(path, not_int.to_numpy(), "cluster", raw.cluster, "is not an integer")

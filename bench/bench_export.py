@@ -1,0 +1,169 @@
+"""Building and writing the pseudo-label CSV: speed and peak memory, chunked (ours) vs all-at-once (baseline).
+
+Inputs are generated embeddings' outputs: (N, 23) class probabilities, (N, 23) kNN probabilities, clusters,
+outlier scores and N paths. Each (N, method) runs in a fresh subprocess:
+
+- a timed run without tracing gives images/s;
+- a second run under ``tracemalloc`` gives the peak of memory allocated by the build + write (inputs are
+  allocated before tracing starts, so they do not count).
+
+The output table itself must be held (measured as the traced memory still allocated while the returned table
+is alive), so the figure of merit is the peak *beyond* the output: for the chunked writer it is bounded by
+one chunk, whatever N; the baseline (whole-array numpy temporaries and one ``to_csv`` string of the whole
+file) grows with N.
+
+    python bench/bench_export.py           # N = 10k, 100k, 200k
+    python bench/bench_export.py --quick   # N = 10k, 100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+from ssl_kvasir.io import atomic_write_text
+from ssl_kvasir.pseudo_labels.table import CHUNK_ROWS, build_pseudo_label_table, write_pseudo_labels
+
+C = len(HYPERKVASIR_CLASSES)
+
+
+def _inputs(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "paths": [
+            f"unlabeled-images/images/{i:08x}-{i * 7919 % 65536:04x}-4a33-a1b7-30eac2d4bd22.jpg"
+            for i in range(n)
+        ],
+        "probs": rng.dirichlet(np.full(C, 0.3), size=n).astype(np.float32),  # (n, C)
+        "knn_probs": rng.dirichlet(np.full(C, 0.3), size=n).astype(np.float32),  # (n, C)
+        "clusters": rng.integers(-1, 40, size=n),
+        "outlier_scores": rng.random(n),
+    }
+
+
+def ours(inputs: dict, path: Path) -> pd.DataFrame:
+    table = build_pseudo_label_table(
+        inputs["paths"],
+        inputs["probs"],
+        knn_probs=inputs["knn_probs"],
+        clusters=inputs["clusters"],
+        outlier_scores=inputs["outlier_scores"],
+        checkpoint="last.ckpt",
+    )
+    write_pseudo_labels(table, path)
+    return table
+
+
+def baseline(inputs: dict, path: Path) -> pd.DataFrame:
+    """The straightforward version: whole-array temporaries, then the whole file as one string."""
+    p = inputs["probs"].astype(np.float64)  # (N, C)
+    ranked = np.sort(p, axis=1)  # (N, C)
+    top = p.argmax(axis=1)
+    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+    knn_top = inputs["knn_probs"].argmax(axis=1)
+    names = np.asarray(HYPERKVASIR_CLASSES.names, dtype=object)
+    table = pd.DataFrame(
+        {
+            "filename": [s.rsplit("/", 1)[-1] for s in inputs["paths"]],
+            "path": inputs["paths"],
+            "predicted_class": names[top],
+            "paper_index": top,
+            "confidence": ranked[:, -1],
+            "margin": ranked[:, -1] - ranked[:, -2],
+            "entropy": entropy,
+            "knn_class": names[knn_top],
+            "knn_agrees": knn_top == top,
+            "cluster": inputs["clusters"],
+            "outlier_score": inputs["outlier_scores"],
+            "checkpoint": "last.ckpt",
+        }
+    )
+    atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
+    return table
+
+
+METHODS = {"ours": ours, "baseline": baseline}
+
+
+def worker(n: int, method: str) -> dict:
+    inputs = _inputs(n)
+    run = METHODS[method]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pseudo_labels.csv"
+        t = time.perf_counter()
+        table = run(inputs, out)
+        elapsed = time.perf_counter() - t
+        file_bytes = out.stat().st_size
+        del table
+        tracemalloc.start()
+        table = run(inputs, out)
+        # While the table is alive, what is still allocated is the output; the rest of the peak was transient.
+        retained, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows = len(table)
+    return {
+        "n": rows,
+        "method": method,
+        "seconds": elapsed,
+        "peak": peak,
+        "output": retained,
+        "file": file_bytes,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="N = 10k and 100k only")
+    p.add_argument("--worker", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(int(a.worker[0]), a.worker[1])))
+        return
+    sizes = [10_000, 100_000] if a.quick else [10_000, 100_000, 200_000]
+    mb = 1 / 2**20
+    print(
+        f"pseudo-label CSV build + write (chunks of {CHUNK_ROWS:,} rows); peak = tracemalloc peak of the build + write"
+    )
+    print(
+        f"{'N':>8} {'method':>9} {'images/s':>10} {'peak MB':>8} {'output MB':>9} {'beyond output MB':>16} {'file MB':>8}"
+    )
+    results = {}
+    for n in sizes:
+        for method in METHODS:
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", str(n), method],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            results[n, method] = r
+            print(
+                f"{n:>8,} {method:>9} {n / r['seconds']:>10,.0f} {r['peak'] * mb:>8.1f} {r['output'] * mb:>9.1f} "
+                f"{(r['peak'] - r['output']) * mb:>16.1f} {r['file'] * mb:>8.1f}"
+            )
+        o, b = results[n, "ours"], results[n, "baseline"]
+        print(
+            f"{'':>8} ratio ours/baseline: speed {b['seconds'] / o['seconds']:.2f}x, "
+            f"peak {o['peak'] / b['peak']:.2f}x, beyond-output {(o['peak'] - o['output']) / max(b['peak'] - b['output'], 1):.2f}x"
+        )
+    small, large = sizes[0], sizes[-1]
+    for method in METHODS:
+        grow = (results[large, method]["peak"] - results[large, method]["output"]) / max(
+            results[small, method]["peak"] - results[small, method]["output"], 1
+        )
+        print(f"{method}: memory beyond the output grows {grow:.1f}x while N grows {large / small:.0f}x")
+
+
+if __name__ == "__main__":
+    main()

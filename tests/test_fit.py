@@ -1,0 +1,131 @@
+"""End-to-end fits through the real command on a generated archive, and the bad input they must refuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ssl_kvasir.cli import main
+from ssl_kvasir.metrics import metrics_from_confusion
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "trainer.max_steps=4",
+    "data.steps_per_epoch=2",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.mu=2",
+    "data.num_workers=0",
+    "data.val_fraction=0.2",
+    "backbone.name=test_resnet",
+    "logger=csv",
+    "trainer.progress_bar=false",
+]
+
+
+def _data(archive) -> list[str]:
+    return [f"data.root={archive}", f"data.split_file={archive / '2_fold_split.csv'}"]
+
+
+def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["fit", "method=fixmatch", "method.masking=flexmatch", "method.alignment=labeled", "data.fold=1",
+            "data.label_fraction=0.5", "seed=3", f"output_dir={out}", *_data(synth_archive), *TINY]
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert (r["method"], r["backbone"], r["fold"], r["seed"], r["label_fraction"]) == ("fixmatch", "test_resnet", 1, 3, 0.5)
+    assert r["n_labeled"] > 0 and r["n_unlabeled"] >= 60 and r["metrics_weights"] == "ema"
+    assert r["config"]["method"]["masking"] == "flexmatch" and r["code_version"].startswith("0.1.0")
+    cm = np.array(r["confusion_matrix"])
+    assert cm.shape == (23, 23) and cm.sum() == r["n_test"] == 69  # fold 1 holds 3 of each class's 6
+    for key, value in metrics_from_confusion(cm).items():
+        assert r["metrics"][key] == pytest.approx(value)
+    assert set(r["metrics"]) >= {"mcc", "macro_f1", "micro_f1", "macro_precision", "macro_recall",
+                                 "micro_precision", "micro_recall", "balanced_accuracy"}
+    assert r["val_metrics"] is not None and "validation part of the training folds" in r["selection"]
+    assert (out / "checkpoints" / "last.ckpt").exists() and (out / "confusion_matrix.png").exists()
+    assert "MCC" in capsys.readouterr().out
+
+    ev = tmp_path / "eval"
+    assert main(["evaluate", f"checkpoint={r['checkpoint']}", f"output_dir={ev}", "data.fold=1", *_data(synth_archive), *TINY]) == 0
+    e = json.loads((ev / "evaluation.json").read_text())
+    assert e["confusion_matrix"] == r["confusion_matrix"] and e["metrics"] == r["metrics"]
+
+    # A finished run is not redone.
+    mtime = (out / "results.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_self_training_rounds(synth_archive, tmp_path):
+    out = tmp_path / "st"
+    args = ["fit", "method=self_training", "method.rounds=1", "method.pseudo.threshold=0.0",
+            "method.pseudo.balance=duplicate", f"output_dir={out}", *_data(synth_archive), *TINY]
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert [x["round"] for x in r["rounds"]] == [0, 1]
+    assert r["rounds"][0]["n_pseudo"] == 0 and r["rounds"][1]["n_pseudo"] > 0
+    from ssl_kvasir.pseudo_labels.table import read_pseudo_labels
+
+    table = read_pseudo_labels(out / "round_0" / "pseudo_labels.csv")
+    assert len(table) == r["n_unlabeled"]
+    assert not (out / "round_0" / "results.json").exists()  # sweeps count the whole run once
+
+
+def test_self_training_selection_balances_classes():
+    from ssl_kvasir.self_training import select_for_training
+
+    probs = np.array([[0.9, 0.1]] * 6 + [[0.2, 0.8]] * 2 + [[0.55, 0.45]])
+    pos, targets = select_for_training(probs, threshold=0.6, balance="cap", max_per_class=3)
+    assert pos.tolist() == [0, 1, 2, 6, 7] and targets.argmax(1).tolist() == [0, 0, 0, 1, 1]
+    pos, _ = select_for_training(probs, threshold=0.6, balance="duplicate", max_per_class=3)
+    assert sorted(pos.tolist()) == [0, 1, 2, 6, 6, 7]
+    pos, soft = select_for_training(probs, threshold=0.0, balance="none", soft=True)
+    assert len(pos) == 9 and np.allclose(soft, probs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method=mixmatch", "Could not find 'method/mixmatch'"),
+        ("backbone.name=resnet1800", "unknown backbone 'resnet1800'"),
+        ("trainer.max_step=3", "max_step"),
+        ("data.label_fraction=0", r"label_fraction must be in \(0, 1\]"),
+        ("data.label_fraction=1.5", r"label_fraction must be in \(0, 1\]"),
+        ("data.fold=2", "the split has folds 0..1"),
+    ],
+)
+def test_bad_config_gets_one_clear_line(synth_archive, tmp_path, capsys, override, message):
+    assert main(["fit", f"output_dir={tmp_path}", *_data(synth_archive), *TINY, override]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message.replace("\\", "") in err or __import__("re").search(message, err)
+
+
+def test_checkpoint_of_another_class_count_is_refused(synth_archive, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert main(["fit", f"output_dir={out}", *_data(synth_archive), *TINY]) == 0
+    ckpt = json.loads((out / "results.json").read_text())["checkpoint"]
+    for cls in ("a", "b"):
+        (tmp_path / "two" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "two" / cls / f"{i}.jpg")
+    code = main(["evaluate", f"checkpoint={ckpt}", f"output_dir={tmp_path / 'e'}", "data=folder",
+                 f"data.root={tmp_path / 'two'}", "data.generate_folds=2", *TINY])
+    assert code == 2
+    assert "has 23 classes, the data" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_last_checkpoint(synth_archive, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = ["fit", f"output_dir={out}", *_data(synth_archive), *TINY, "data.steps_per_epoch=1",
+            "method.lr=1e30", "method.momentum=0", "method.nesterov=false", "method.eval_weights=model"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "last good checkpoint" in err
+    assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "results.json").exists()
