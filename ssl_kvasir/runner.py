@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ssl_kvasir.models import build_network
 from ssl_kvasir.version import code_version
 
 log = logging.getLogger("ssl_kvasir")
+# The EMA copy is a submodule kept in eval mode on purpose (BatchNorm uses its averaged statistics).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 # Keys of a method config that configure the run around the module, not the module itself.
 RUN_KEYS = ("name", "rounds", "pseudo")
@@ -199,7 +202,7 @@ def _stable_run_id(out: Path) -> str:
     return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
 
 
-def build_trainer(cfg: DictConfig, out: Path, total_steps: int, has_val: bool, logger):
+def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -234,7 +237,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, has_val: bool, l
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if has_val else 0,
-        log_every_n_steps=min(t.log_every_n_steps, total_steps),
+        log_every_n_steps=min(t.log_every_n_steps, steps_per_epoch),
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(out),
@@ -281,7 +284,7 @@ def fit_once(
     network = build_network_from_cfg(cfg, len(exp.catalog.classes))
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
-    trainer = build_trainer(cfg, out, total, has_val, build_logger(cfg, out))
+    trainer = build_trainer(cfg, out, total, per_epoch, has_val, build_logger(cfg, out))
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     best = trainer.checkpoint_callback.best_model_path or str(last)

@@ -187,6 +187,10 @@ class KvasirDataModule(L.LightningDataModule):
                 rows, labels[rows], tuple(labeled_views), pseudo_batch_size or batch_size, targets
             )
 
+    def state_dict(self) -> dict:
+        """Stored in checkpoints, so that analysis of a checkpoint uses the data settings it was trained with."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "classes": self.catalog.classes.names}
+
     @property
     def num_classes(self) -> int:
         return len(self.catalog.classes)
