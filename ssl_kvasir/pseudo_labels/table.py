@@ -273,7 +273,9 @@ def build_pseudo_label_table(
         if knn_probs is not None:
             knn_top[start : start + b] = np.asarray(knn_probs[start : start + b]).argmax(axis=1)
     names = np.asarray(classes.names, dtype=object)
-    table = pd.DataFrame(
+    # copy=False: the columns are arrays made here (the caller's are copied first), so the frame can own them
+    # instead of copying each once more into consolidated blocks.
+    return pd.DataFrame(
         {
             "filename": [_bare_name(p) for p in paths],
             "path": paths,
@@ -285,13 +287,13 @@ def build_pseudo_label_table(
             "knn_class": names[knn_top] if knn_probs is not None else np.full(n, "", dtype=object),
             "knn_agrees": pd.array(knn_top == top if knn_probs is not None else [pd.NA] * n, dtype="boolean"),
             "cluster": pd.array(clusters if clusters is not None else [pd.NA] * n, dtype="Int64"),
-            "outlier_score": np.asarray(outlier_scores, dtype=np.float64)
-            if outlier_scores is not None
-            else np.full(n, np.nan),
+            "outlier_score": (
+                np.array(outlier_scores, dtype=np.float64) if outlier_scores is not None else np.full(n, np.nan)
+            ),
             "checkpoint": np.full(n, checkpoint, dtype=object),
-        }
+        },
+        copy=False,
     )
-    return table
 
 
 def select_pseudo_labels(
