@@ -83,19 +83,15 @@ def _shard_name(i: int) -> str:
 
 
 def shrink(img: Image.Image, size: int) -> Image.Image:
-    """Resize so that the shorter side is ``size``, keeping the aspect ratio; never enlarge.
+    """Reduce by the largest integer factor that keeps the shorter side at least ``size``; never enlarge.
 
-    Bilinear with PIL's antialiasing (the filter widens with the reduction); after DCT-scaled decoding the
-    remaining reduction is below 2x, where it is as sharp as bicubic at less cost.
+    The cached shorter side therefore lies in ``[size, 2 * size)``. A JPEG arrives here already in that range
+    from DCT-scaled decoding (scales 1/2, 1/4, 1/8), so it is stored as decoded, with no resampling at all:
+    training resizes to its input size anyway, and one resampling fewer is both faster and sharper. Other
+    formats get the same integer reduction with a box filter (``Image.reduce``).
     """
-    w, h = img.size
-    short = min(w, h)
-    if short <= size:
-        return img
-    new = (max(1, round(w * size / short)), max(1, round(h * size / short)))
-    # The shorter side is exactly ``size``, whatever the rounding of the other.
-    new = (size, new[1]) if w <= h else (new[0], size)
-    return img.resize(new, Image.Resampling.BILINEAR)
+    factor = min(img.size) // size
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def _encode(img: Image.Image, quality: int) -> bytes:
