@@ -114,12 +114,14 @@ def main() -> None:
         db = l2_normalize(
             np.random.default_rng([a.seed, 1, 0]).standard_normal((N_LABELED, dim), dtype=np.float32)
         )
-        peak = matmul_gflops(dim, N_LABELED)
-        best = max(peak.values())
+        before = matmul_gflops(dim, N_LABELED)
         index = build_index(db, use_gpu=False)
         all_s, _ = bench_faiss(index, n_queries, dim, a.seed, a.batch)
         pair_faiss_s, faiss_ids = bench_faiss(index, n_pair, dim, a.seed, a.batch)
         pair_sk_s, sk_ids = bench_sklearn(db, n_pair, dim, a.seed)
+        # The machine is shared: the reference is measured before and after the searches, best kept.
+        peak = {k: max(v, before[k]) for k, v in matmul_gflops(dim, N_LABELED).items()}
+        best = max(peak.values())
         same = np.mean([set(f) == set(s) for f, s in zip(faiss_ids, sk_ids, strict=True)])
         flops, pair_flops = 2.0 * n_queries * N_LABELED * dim, 2.0 * n_pair * N_LABELED * dim
         print(f"\nD={dim}: matmul reference " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items()))

@@ -254,6 +254,7 @@ def _setup_logging() -> None:
     # A console without a fixed file writes to whatever sys.stderr is at the time of each message.
     handler = RichHandler(console=Console(stderr=True), show_path=False)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
 
 
 def _fit(argv: list[str]) -> int:
@@ -276,6 +277,32 @@ def _evaluate(argv: list[str]) -> int:
     results = evaluate(cfg)
     _print_metrics(results, Path(cfg.output_dir))
     return 0
+
+
+def _analysis_command(step: str):
+    """``embed``, ``analyze`` or ``export-pseudo-labels``: Hydra overrides on configs/analyze.yaml."""
+
+    def run(argv: list[str]) -> int:
+        from ssl_kvasir import analyze
+        from ssl_kvasir.config import compose
+
+        if any(a in ("-h", "--help") for a in argv):
+            print(f"usage: ssl-kvasir {step} checkpoint=CKPT data.root=DIR data.split_file=F output_dir=DIR "
+                  "[KEY=VALUE ...] (keys: configs/analyze.yaml)", file=sys.stderr)
+            return 0
+        cfg = compose("analyze", argv)
+        _setup_logging()
+        if step == "embed":
+            store = analyze.embed(cfg)
+            print(f"{len(store)} images embedded -> {analyze.store_dir(cfg)}")
+        elif step == "analyze":
+            result = analyze.analyze(cfg)
+            print("\n".join(analyze.summary_lines(result)))
+        else:
+            print(f"pseudo-labels -> {analyze.export_pseudo_labels(cfg)}")
+        return 0
+
+    return run
 
 
 def _print_metrics(results: dict, out: Path) -> None:
@@ -311,6 +338,9 @@ def _composition(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (_fit, "train a method (Hydra overrides: method=... data.root=... output_dir=...)"),
     "evaluate": (_evaluate, "re-evaluate a checkpoint on the evaluation fold (checkpoint=CKPT ...)"),
+    "embed": (_analysis_command("embed"), "features and probabilities of every image, streamed to disk"),
+    "analyze": (_analysis_command("analyze"), "embeddings, kNN, UMAP clusters, composition, pseudo-label export"),
+    "export-pseudo-labels": (_analysis_command("export"), "pseudo-label CSV of the unlabeled images (output=FILE.csv)"),
     "check": (_check, "validate a downloaded archive and its split file"),
     "synth": (_synth, "write a synthetic archive in the HyperKvasir layout"),
     "prepare": (_prepare, "cache every image shrunk and re-encoded for fast loading"),
@@ -334,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(rest) or 0
     except SslKvasirError as e:
+        print(f"ssl-kvasir {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output that cannot be written, a file that vanished: the message names the path
         print(f"ssl-kvasir {name}: error: {e}", file=sys.stderr)
         return 2
 

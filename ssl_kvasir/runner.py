@@ -90,16 +90,16 @@ def method_class(name: str) -> type[BaseMethod]:
 
 
 def build_datamodule(
-    cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], steps_per_epoch: int, pseudo_labeled=None
+    cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], network, steps_per_epoch: int, pseudo_labeled=None
 ) -> KvasirDataModule:
+    """The DataModule of a run; normalisation comes from the network's timm data config."""
     d = cfg.data
-    network_mean_std = _mean_std(cfg)
     return KvasirDataModule(
         exp.catalog,
         exp.split,
         image_size=d.image_size,
-        mean=network_mean_std[0],
-        std=network_mean_std[1],
+        mean=network.data_config["mean"],
+        std=network.data_config["std"],
         batch_size=d.batch_size,
         mu=d.mu,
         labeled_views=method_cls.labeled_views,
@@ -113,19 +113,6 @@ def build_datamodule(
         strong_color=d.strong_color,
         seed=d.seed,
     )
-
-
-def _mean_std(cfg: DictConfig) -> tuple[tuple, tuple]:
-    import timm
-    import timm.data
-
-    first = cfg.backbone.name.split("+")[0].strip()
-    if not timm.is_model(first):
-        build_network(first, 1)  # raises the ConfigError listing models
-    pretrained_cfg = timm.models.get_pretrained_cfg(first)
-    if pretrained_cfg is None:
-        return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
-    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
 
 
 def build_network_from_cfg(cfg: DictConfig, num_classes: int):
@@ -223,8 +210,9 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         # A pre-empted or timed-out job is requeued and resumes from checkpoints/last.ckpt.
         plugins.append(SLURMEnvironment(auto_requeue=True))
     return L.Trainer(
-        max_steps=total_steps,
-        max_epochs=-1,
+        # Whole epochs, not max_steps: Lightning resumes a step-based run from an epoch-end checkpoint as if
+        # mid-epoch and trains an extra batch, so a requeued run would not repeat an uninterrupted one.
+        max_epochs=total_steps // steps_per_epoch,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -280,8 +268,8 @@ def fit_once(
 
     seed_everything(cfg.seed, workers=True, verbose=False)
     per_epoch, total = schedule(cfg.trainer.max_steps, cfg.data.steps_per_epoch)
-    dm = build_datamodule(cfg, exp, method_cls, per_epoch, pseudo_labeled)
     network = build_network_from_cfg(cfg, len(exp.catalog.classes))
+    dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
     trainer = build_trainer(cfg, out, total, per_epoch, has_val, build_logger(cfg, out))
@@ -396,7 +384,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.method = {"name": module.name}
         cfg.backbone.name, cfg.backbone.head = spec["name"], spec["head"]
-    dm = build_datamodule(cfg, exp, type(module), steps_per_epoch=1)
+    dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     t = cfg.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator,
@@ -422,7 +410,7 @@ def predict_rows(
     """Class probabilities (N, C) and features (N, D) of the eval network for catalog ``rows``."""
     from rich.progress import Progress
 
-    dm = build_datamodule(cfg, exp, type(module), steps_per_epoch=1)
+    dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     device = (
         "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     )

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.data.splits import ExperimentSplit, unlabeled_pool
-from ssl_kvasir.data.transforms import build_view
+from ssl_kvasir.data.transforms import apply_views, build_view
 
 
 class ImageDataset(Dataset):
@@ -65,8 +65,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         image = self.load(i)
         sample = {"index": int(self.rows[i]), "pos": i, "path": self.paths[i], "label": int(self.labels[i])}
-        for name, view in self.views.items():
-            sample[name] = view(image)
+        sample.update(apply_views(image, self.views))  # one resize shared by the views
         if self.targets is not None:
             sample["target"] = torch.from_numpy(self.targets[i])
         return sample
@@ -218,6 +217,9 @@ class KvasirDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=sampler is not None,
+            # Its own generator (one seed per stream): making an iterator then draws the worker seed from it, not
+            # from the global RNG that on_train_epoch_start reseeds, so a resumed epoch sees the same augmentations.
+            generator=torch.Generator().manual_seed(sampler.seed) if sampler is not None else None,
         )
 
     def train_dataloader(self) -> dict[str, DataLoader]:

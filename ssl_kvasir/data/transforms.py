@@ -8,7 +8,7 @@ can leave out every operation that changes hue or saturation (``strong_color=Fal
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torchvision import transforms as T
@@ -18,7 +18,9 @@ COLOR_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "Sol
 VIEWS = ("weak", "strong", "eval")
 
 
-def _rand_augment(image_size: int, mean: tuple[float, ...], color: bool, magnitude: int = 10, num_ops: int = 2):
+def _rand_augment(
+    image_size: int, mean: tuple[float, ...], color: bool, magnitude: int = 10, num_ops: int = 2
+):
     from timm.data.auto_augment import _RAND_TRANSFORMS, rand_augment_transform
 
     ops = [op for op in _RAND_TRANSFORMS if color or op not in COLOR_OPS]
@@ -28,13 +30,52 @@ def _rand_augment(image_size: int, mean: tuple[float, ...], color: bool, magnitu
     return rand_augment_transform(f"rand-m{magnitude}-n{num_ops}-mstd0.5", hparams, transforms=ops)
 
 
+class View(T.Compose):
+    """A named view: a deterministic resize, then the view's own transforms (``rest``).
+
+    Calling it runs the whole pipeline, like any ``Compose``; :func:`apply_views` uses the split to resize an
+    image once for all its views.
+    """
+
+    def __init__(self, resize: T.Resize, rest: list[Callable]):
+        super().__init__([resize, *rest])
+        self.resize, self.rest = resize, T.Compose(rest)
+
+
+def apply_views(image, views: Mapping[str, Callable]) -> dict[str, torch.Tensor]:
+    """Every view of one image, resizing it once for all the views that begin with the same resize.
+
+    The result equals ``{name: view(image) for name, view in views.items()}``: the resize draws no random
+    numbers and every transform returns a new image instead of changing its input, so the views make the same
+    random draws in the same order from the same resized picture. Why: the unlabeled stream of FixMatch needs
+    a weak and a strong view of each image, and the resize to the network's input is one of the costliest
+    steps of a view (about as costly as decoding an image from the prepared cache).
+
+    Args:
+        image: the decoded PIL image.
+        views: view name -> transform (a :class:`View` shares its resize; any other callable runs alone).
+    """
+    resized: dict[tuple, object] = {}
+    out = {}
+    for name, view in views.items():
+        if not isinstance(view, View):
+            out[name] = view(image)
+            continue
+        r = view.resize
+        key = (tuple(r.size), r.interpolation, r.max_size, r.antialias)
+        if key not in resized:
+            resized[key] = r(image)
+        out[name] = view.rest(resized[key])
+    return out
+
+
 def build_view(
     name: str,
     image_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     strong_color: bool = True,
-) -> Callable:
+) -> View:
     """A PIL image -> normalised ``(3, image_size, image_size)`` tensor transform.
 
     Args:
@@ -49,17 +90,16 @@ def build_view(
     resize = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
     if name == "eval":
-        return T.Compose([resize, *to_tensor])
+        return View(resize, to_tensor)
     weak = [
-        resize,
         T.RandomHorizontalFlip(),
         T.RandomCrop(image_size, padding=int(0.125 * image_size), padding_mode="reflect"),
     ]
     if name == "weak":
-        return T.Compose([*weak, *to_tensor])
+        return View(resize, [*weak, *to_tensor])
     # Cutout: one square of up to half the image side, filled with zero (the mean after normalisation).
     cutout = T.RandomErasing(p=1.0, scale=(0.02, 0.25), ratio=(1.0, 1.0), value=0.0)
-    return T.Compose([*weak, _rand_augment(image_size, mean, strong_color), *to_tensor, cutout])
+    return View(resize, [*weak, _rand_augment(image_size, mean, strong_color), *to_tensor, cutout])
 
 
 def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

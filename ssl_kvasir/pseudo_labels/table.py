@@ -55,7 +55,7 @@ PSEUDO_LABEL_COLUMNS = [
 """
 
 AUTHORS_FIRST_COLUMNS = ["filename", "predicted-label"]
-CHUNK_ROWS = 16384
+CHUNK_ROWS = 16384  # rows built or written at a time: bounds the (rows, C) temporaries and the text held
 
 
 def _bare_name(path: str) -> str:
@@ -288,7 +288,9 @@ def build_pseudo_label_table(
             "knn_agrees": pd.array(knn_top == top if knn_probs is not None else [pd.NA] * n, dtype="boolean"),
             "cluster": pd.array(clusters if clusters is not None else [pd.NA] * n, dtype="Int64"),
             "outlier_score": (
-                np.array(outlier_scores, dtype=np.float64) if outlier_scores is not None else np.full(n, np.nan)
+                np.array(outlier_scores, dtype=np.float64)
+                if outlier_scores is not None
+                else np.full(n, np.nan)
             ),
             "checkpoint": np.full(n, checkpoint, dtype=object),
         },

@@ -1,0 +1,299 @@
+"""What is in the unlabeled pile: embeddings, kNN, clusters, composition, pseudo-label export.
+
+Built from a composed ``configs/analyze.yaml``; every step is a library call on arrays or files. A classifier
+view (the checkpoint's predictions), a nearest-neighbour view (a similarity-weighted vote of the labeled
+training images) and a cluster view (HDBSCAN on UMAP) are computed side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+
+from ssl_kvasir.config import require
+from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("ssl_kvasir")
+
+
+@dataclass
+class Analysis:
+    """Everything computed for one checkpoint; arrays are indexed like the embedding store's rows."""
+
+    store: object  # ssl_kvasir.analysis.embeddings.Embeddings
+    eval_fold: int
+    knn_probs: np.ndarray | None = None  # (N, C) for every row that is not a labeled training image
+    knn_metrics: dict = field(default_factory=dict)
+    clusters: np.ndarray | None = None  # (N,)
+    outlier_scores: np.ndarray | None = None  # (N,)
+    coords: np.ndarray | None = None  # (N, 2)
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _out_dir(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    if cfg.output:
+        return Path(cfg.output).parent
+    raise ConfigError("missing value for output_dir (pass output_dir=DIR)")
+
+
+def store_dir(cfg: DictConfig) -> Path:
+    """The embedding store: ``embeddings=DIR`` or ``<output_dir>/embeddings``."""
+    return Path(cfg.embeddings) if cfg.embeddings else _out_dir(cfg) / "embeddings"
+
+
+def load_checkpoint_and_data(cfg: DictConfig):
+    """The trained method (EMA weights preferred) and the experiment's data, at the checkpoint's image size."""
+    from ssl_kvasir.runner import load_experiment, load_method
+
+    require(cfg, "checkpoint", "data.root")
+    module = load_method(Path(cfg.checkpoint))
+    if cfg.data.image_size is None:
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+        trained = next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
+        with open_dict(cfg):
+            cfg.data.image_size = trained.get("image_size", 224)
+    exp = load_experiment(cfg.data)
+    if module.num_classes != len(exp.catalog.classes):
+        from ssl_kvasir.errors import DataError
+
+        raise DataError(
+            f"checkpoint {cfg.checkpoint} has {module.num_classes} classes, the data at {cfg.data.root} has "
+            f"{len(exp.catalog.classes)}"
+        )
+    return module, exp
+
+
+def embed(cfg: DictConfig, module=None, exp=None):
+    """Features and probabilities of every labeled and unlabeled image, streamed to an embedding store.
+
+    Memory stays bounded whatever the number of images (rows go to disk chunk by chunk) and a killed run
+    resumes at its first unfinished chunk. Returns the loaded store.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ssl_kvasir.analysis.embeddings import MANIFEST_FILE, EmbeddingWriter, load_embeddings
+    from ssl_kvasir.runner import build_datamodule
+
+    if module is None:
+        module, exp = load_checkpoint_and_data(cfg)
+    images = exp.catalog.images
+    store = store_dir(cfg)
+    if (store / MANIFEST_FILE).exists():
+        log.info("reusing the embeddings in %s", store)
+        return load_embeddings(store, expected_paths=list(images.path))
+    network = module.ema.module if module.ema is not None else module.model
+    writer = EmbeddingWriter(
+        store,
+        n_rows=len(images),
+        dim=network.num_features,
+        num_classes=module.num_classes,
+        dtype=cfg.embed.dtype,
+        chunk_rows=cfg.embed.chunk_rows,
+        checkpoint=str(Path(cfg.checkpoint).resolve()),
+    )
+    writer.write_index(images.path, images.label, images.fold)
+    rows = writer.pending_rows()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    network = network.to(device).eval()
+    if cfg.embed.bf16:
+        network = network.to(memory_format=torch.channels_last)
+    dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
+    dm.eval_batch_size = cfg.embed.batch_size
+    columns = [TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"), TimeRemainingColumn()]
+    with Progress(*columns) as bar, torch.inference_mode():
+        task = bar.add_task("embed", total=len(images), completed=len(images) - len(rows))
+        for batch in dm.loader(rows):
+            x = batch["eval"].to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.embed.bf16):
+                if cfg.embed.bf16:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                features, logits = network.features_and_logits(x)  # (B, D), (B, C)
+            writer.add(features.float().cpu().numpy(), logits.float().softmax(1).cpu().numpy())
+            bar.advance(task, len(x))
+    writer.finalize(extra={"image_size": cfg.data.image_size, "bf16": cfg.embed.bf16})
+    return load_embeddings(store, expected_paths=list(images.path))
+
+
+def run_knn(cfg: DictConfig, analysis: Analysis) -> None:
+    """kNN vote from the labeled training-fold images to every other image; accuracy and macro-F1 on the
+    evaluation fold check the embedding."""
+    from ssl_kvasir.analysis.knn import knn_classify
+    from ssl_kvasir.metrics import classification_metrics
+
+    s = analysis.store
+    train = (s.labels >= 0) & (s.folds >= 0) & (s.folds != analysis.eval_fold)
+    queries = np.flatnonzero(~train)
+    db = np.flatnonzero(train)
+    n_classes = s.probs.shape[1]
+    probs = np.full((len(s), n_classes), np.nan, dtype=np.float32)
+    probs[queries] = knn_classify(
+        np.asarray(s.features[db], dtype=np.float32),
+        s.labels[db],
+        np.asarray(s.features[queries], dtype=np.float32),
+        k=cfg.knn.k,
+        temperature=cfg.knn.temperature,
+        num_classes=n_classes,
+    )
+    analysis.knn_probs = probs
+    evaluation = np.flatnonzero((s.labels >= 0) & (s.folds == analysis.eval_fold))
+    if len(evaluation):
+        knn_pred = probs[evaluation].argmax(1)
+        clf_pred = np.asarray(s.probs[evaluation]).argmax(1)
+        analysis.knn_metrics = {
+            "knn": classification_metrics(s.labels[evaluation], knn_pred, n_classes),
+            "classifier": classification_metrics(s.labels[evaluation], clf_pred, n_classes),
+            "n_eval": int(len(evaluation)),
+            "n_db": int(len(db)),
+            "k": cfg.knn.k,
+        }
+
+
+def run_clusters(cfg: DictConfig, analysis: Analysis) -> None:
+    """UMAP to 2-D (plots) and to ``umap.cluster_dims`` (clustering), HDBSCAN clusters and outlier scores."""
+    from ssl_kvasir.analysis.cluster import hdbscan_cluster, umap_embed
+
+    features = np.asarray(analysis.store.features, dtype=np.float32)
+    u = cfg.umap
+    analysis.coords = umap_embed(features, 2, seed=cfg.seed, n_neighbors=u.n_neighbors, min_dist=u.min_dist)
+    if cfg.cluster.enabled:
+        space = umap_embed(features, u.cluster_dims, seed=cfg.seed, n_neighbors=u.n_neighbors, min_dist=0.0)
+        analysis.clusters, analysis.outlier_scores = hdbscan_cluster(space, cfg.cluster.min_cluster_size)
+
+
+def pseudo_label_table(cfg: DictConfig, analysis: Analysis, classes):
+    """The pseudo-label table of the unlabeled images, before selection."""
+    from ssl_kvasir.pseudo_labels.table import build_pseudo_label_table
+
+    s = analysis.store
+    unl = np.flatnonzero(s.labels < 0)
+    pick = (lambda a: None if a is None else a[unl])  # noqa: E731
+    return build_pseudo_label_table(
+        [s.paths[i] for i in unl],
+        np.asarray(s.probs[unl]),
+        classes,
+        knn_probs=pick(analysis.knn_probs),
+        clusters=pick(analysis.clusters),
+        outlier_scores=pick(analysis.outlier_scores),
+        checkpoint=str(cfg.checkpoint),
+    ), unl
+
+
+def export(cfg: DictConfig, analysis: Analysis, classes) -> Path:
+    """Select and write the pseudo-label CSV (atomically)."""
+    from ssl_kvasir.pseudo_labels.table import select_pseudo_labels, write_pseudo_labels
+
+    table, unl = pseudo_label_table(cfg, analysis, classes)
+    kept = select_pseudo_labels(
+        table,
+        min_confidence=cfg.select.min_confidence,
+        top_k_per_class=cfg.select.top_k_per_class,
+        require_agreement=cfg.select.require_agreement,
+    )
+    output = Path(cfg.output) if cfg.output else _out_dir(cfg) / "pseudo_labels.csv"
+    probs = np.asarray(analysis.store.probs[unl[kept.index.to_numpy()]])
+    write_pseudo_labels(kept, output, format=cfg.format, probs=probs, classes=classes)
+    log.info("%d of %d unlabeled images exported to %s", len(kept), len(table), output)
+    return output
+
+
+def composition(cfg: DictConfig, analysis: Analysis, classes, out: Path) -> dict[str, Path]:
+    """The paper's Fig. 9 from the classifier, from kNN and from external prediction files, with agreement."""
+    from ssl_kvasir.analysis.composition import write_composition_report
+    from ssl_kvasir.pseudo_labels.table import write_authors_predictions
+
+    s = analysis.store
+    unl = np.flatnonzero(s.labels < 0)
+    names = [Path(s.paths[i]).name for i in unl]
+    sources = [out / "predictions" / "classifier.csv"]
+    write_authors_predictions(sources[0], names, np.asarray(s.probs[unl]), classes=classes)
+    if analysis.knn_probs is not None:
+        sources.append(out / "predictions" / "knn.csv")
+        write_authors_predictions(sources[1], names, analysis.knn_probs[unl], classes=classes)
+    sources += [Path(p) for p in cfg.predictions]
+    report = write_composition_report(sources, out / "composition", classes)
+    return {f"composition {k}": Path(v) for k, v in report.files.items()}
+
+
+def analyze(cfg: DictConfig) -> Analysis:
+    """Embeddings, kNN, UMAP + clusters, composition, plots and the pseudo-label export, in one go."""
+    from ssl_kvasir.analysis.cluster import cluster_purity
+    from ssl_kvasir.analysis.plots import log_images_to_wandb, plot_knn_confusion, plot_umap
+
+    module, exp = load_checkpoint_and_data(cfg)
+    classes = exp.catalog.classes
+    out = _out_dir(cfg)
+    analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
+    analysis.outputs["embeddings"] = store_dir(cfg)
+    run_knn(cfg, analysis)
+    run_clusters(cfg, analysis)
+    s = analysis.store
+    predicted = np.where(s.labels >= 0, s.labels, np.asarray(s.probs).argmax(1))
+    analysis.outputs["umap plot"] = plot_umap(
+        analysis.coords, predicted, classes, out / "umap.png", is_labeled=s.labels >= 0, title="UMAP of the embeddings"
+    )
+    evaluation = np.flatnonzero((s.labels >= 0) & (s.folds == analysis.eval_fold))
+    if len(evaluation):
+        analysis.outputs["knn confusion"] = plot_knn_confusion(
+            s.labels[evaluation], analysis.knn_probs[evaluation].argmax(1), classes, out / "knn_confusion.png",
+            title=f"kNN (k={cfg.knn.k}) on evaluation fold {analysis.eval_fold}",
+        )
+    if analysis.clusters is not None:
+        unl = s.labels < 0
+        purity = {
+            "classifier": cluster_purity(analysis.clusters[unl], predicted[unl], len(classes)),
+            "knn": cluster_purity(analysis.clusters[unl], analysis.knn_probs[unl].argmax(1), len(classes)),
+        }
+        for name, table in purity.items():
+            table = table.assign(dominant_class=[classes[c].folder if c >= 0 else "" for c in table.dominant_class])
+            path = out / f"clusters_vs_{name}.csv"
+            atomic_write_text(path, table.to_csv(index=False))
+            analysis.outputs[f"cluster purity ({name})"] = path
+    analysis.outputs.update(composition(cfg, analysis, classes, out))
+    analysis.outputs["pseudo-labels"] = export(cfg, analysis, classes)
+    summary = out / "analysis.json"
+    atomic_write_json(
+        summary,
+        {
+            "checkpoint": str(cfg.checkpoint),
+            "eval_fold": analysis.eval_fold,
+            "n_images": len(s),
+            "n_unlabeled": int((s.labels < 0).sum()),
+            "knn_check": analysis.knn_metrics,
+            "n_clusters": int(analysis.clusters.max() + 1) if analysis.clusters is not None else None,
+            "outputs": {k: str(v) for k, v in analysis.outputs.items()},
+        },
+    )
+    analysis.outputs["summary"] = summary
+    log_images_to_wandb({k: v for k, v in analysis.outputs.items() if str(v).endswith(".png")})
+    return analysis
+
+
+def export_pseudo_labels(cfg: DictConfig) -> Path:
+    """Embeddings (reused when present), kNN and clusters, then the selected pseudo-label CSV."""
+    module, exp = load_checkpoint_and_data(cfg)
+    analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
+    run_knn(cfg, analysis)
+    if cfg.cluster.enabled:
+        run_clusters(cfg, analysis)
+    return export(cfg, analysis, exp.catalog.classes)
+
+
+def summary_lines(analysis: Analysis) -> list[str]:
+    lines = []
+    check = analysis.knn_metrics
+    if check:
+        lines.append(
+            f"evaluation fold {analysis.eval_fold} ({check['n_eval']} images): kNN accuracy "
+            f"{check['knn']['accuracy']:.4f}, macro-F1 {check['knn']['macro_f1']:.4f}; classifier accuracy "
+            f"{check['classifier']['accuracy']:.4f}, macro-F1 {check['classifier']['macro_f1']:.4f}"
+        )
+    lines += [f"{name:>28}: {path}" for name, path in analysis.outputs.items()]
+    return lines

@@ -1,0 +1,101 @@
+"""End-to-end analysis of a trained checkpoint: embed, kNN, clusters, composition, pseudo-label export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssl_kvasir.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
+    args = ["fit", f"output_dir={out}", "backbone.name=test_resnet", "logger=csv", "trainer.max_steps=4",
+            "data.steps_per_epoch=2", "trainer.progress_bar=false", *data, *TINY]
+    assert main(args) == 0
+    return json.loads((out / "results.json").read_text()), data
+
+
+def _analysis_args(trained, out, *extra):
+    results, data = trained
+    return [f"checkpoint={results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0",
+            "embed.bf16=false", "umap.n_neighbors=5", "cluster.min_cluster_size=5", *extra]
+
+
+def test_analyze_end_to_end(trained, tmp_path, capsys):
+    results, _ = trained
+    out = tmp_path / "analysis"
+    assert main(["analyze", *_analysis_args(trained, out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "analysis.json").read_text())
+    for path in summary["outputs"].values():
+        assert Path(path).exists()
+        assert str(path) in printed
+    # The classifier view equals the fit's own test metrics: same checkpoint, same weights, same images.
+    assert summary["knn_check"]["classifier"]["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+    assert summary["knn_check"]["n_eval"] == results["n_test"]
+
+    from ssl_kvasir.analysis.embeddings import load_embeddings
+
+    store = load_embeddings(out / "embeddings")
+    unl = store.labels < 0
+    predicted = np.asarray(store.probs)[unl].argmax(1)
+    # Composition counts equal a naive count of the classifier's predictions.
+    comp = pd.read_csv(out / "composition" / "composition.csv")
+    naive = [int((predicted == c).sum()) for c in range(23)]
+    assert comp["classifier"].tolist() == naive
+    # One pseudo-label row per unlabeled image, tied to its file and with every view filled in.
+    table = pd.read_csv(out / "pseudo_labels.csv")
+    assert len(table) == unl.sum() == 60
+    assert set(table.path) == {p for p, u in zip(store.paths, unl, strict=True) if u}
+    assert table.knn_class.notna().all() and table.cluster.notna().all()
+    by_path = dict(zip(table.path, table.paper_index, strict=True))
+    assert [by_path[store.paths[i]] for i in np.flatnonzero(unl)] == predicted.tolist()
+
+
+def test_export_in_authors_format_with_selection(trained, tmp_path):
+    out = tmp_path / "export"
+    target = out / "pl.csv"
+    assert main(["export-pseudo-labels", *_analysis_args(trained, out, f"output={target}", "format=authors",
+                                                          "select.top_k_per_class=2", "cluster.enabled=false")]) == 0
+    lines = target.read_text().splitlines()
+    assert lines[0] == "filename,predicted-label," + ",".join("ABCDEFGHIJKLMNOPQRSTUVW")
+    rows = [line.split(",") for line in lines[1:]]
+    assert 1 <= len(rows) <= 2 * 23
+    assert all(len(r) == 25 and all(len(p.split(".")[1]) == 3 for p in r[2:]) for r in rows)
+    assert max(np.bincount([int(r[1]) for r in rows])) <= 2
+
+
+def test_archive_changed_since_embedding(trained, synth_archive, tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert main(["embed", *_analysis_args(trained, out)]) == 0
+    moved = tmp_path / "archive"
+    shutil.copytree(synth_archive, moved)
+    extra = next((moved / "unlabeled-images" / "images").iterdir())
+    shutil.copy(extra, extra.with_name("new-image.jpg"))
+    args = [a.replace(str(synth_archive), str(moved)) for a in _analysis_args(trained, out)]
+    assert main(["embed", *args]) == 2
+    assert "1 paths added" in capsys.readouterr().err
+
+
+def test_bad_analysis_requests(trained, tmp_path, capsys):
+    assert main(["export-pseudo-labels", *_analysis_args(trained, tmp_path / "k", "knn.k=100000")]) == 2
+    assert "k=100000" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "ok"
+    code = main(["export-pseudo-labels", *_analysis_args(trained, out, f"output={blocker / 'pl.csv'}", "cluster.enabled=false")])
+    assert code == 2
+    assert str(blocker / "pl.csv") in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
