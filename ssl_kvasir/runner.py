@@ -269,6 +269,8 @@ def fit_once(
     seed_everything(cfg.seed, workers=True, verbose=False)
     per_epoch, total = schedule(cfg.trainer.max_steps, cfg.data.steps_per_epoch)
     network = build_network_from_cfg(cfg, len(exp.catalog.classes))
+    if cfg.trainer.channels_last:
+        network = network.to(memory_format=torch.channels_last)
     dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
