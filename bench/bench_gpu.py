@@ -35,7 +35,9 @@ class Batches:
         return len(self.batches)
 
 
-def fixmatch_steps_per_s(backbone: str, precision: str, channels_last: bool, batches: list, warmup: int) -> float:
+def fixmatch_steps_per_s(
+    backbone: str, precision: str, channels_last: bool, batches: list, warmup: int
+) -> float:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -65,9 +67,18 @@ def fixmatch_steps_per_s(backbone: str, precision: str, channels_last: bool, bat
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
-            accelerator="gpu", devices=1, precision=precision, max_steps=len(batches), logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[clock], default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,
+            accelerator="gpu",
+            devices=1,
+            precision=precision,
+            max_steps=len(batches),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+            default_root_dir=tmp,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
         )
         trainer.fit(module, train_dataloaders=Batches(batches))
     timed = clock.times[warmup:]
@@ -97,7 +108,10 @@ def make_batches(n: int, batch_size: int, mu: int, size: int) -> list[dict]:
     shape = (3, size, size)
     return [
         {
-            "lb": {"weak": torch.randn(batch_size, *shape, generator=g), "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)},
+            "lb": {
+                "weak": torch.randn(batch_size, *shape, generator=g),
+                "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=g),
+            },
             "ulb": {
                 "weak": torch.randn(mu * batch_size, *shape, generator=g),
                 "strong": torch.randn(mu * batch_size, *shape, generator=g),
@@ -127,17 +141,24 @@ def main() -> None:
     batches = make_batches(a.steps, a.batch_size, a.mu, a.image_size)
     n_img = a.batch_size * (1 + 2 * a.mu)
     rates = {}
-    for name, precision, cl in (("float32 (32-true)", "32-true", False), ("bf16-mixed + channels_last", "bf16-mixed", True)):
+    for name, precision, cl in (
+        ("float32 (32-true)", "32-true", False),
+        ("bf16-mixed + channels_last", "bf16-mixed", True),
+    ):
         rates[name] = fixmatch_steps_per_s(a.backbone, precision, cl, batches, warmup=10)
-        print(f"  FixMatch step, batch {a.batch_size} + {a.mu}x{a.batch_size} x 2 views, {name:28s}: "
-              f"{rates[name]:6.2f} steps/s ({rates[name] * n_img:7.0f} img/s)")
+        print(
+            f"  FixMatch step, batch {a.batch_size} + {a.mu}x{a.batch_size} x 2 views, {name:28s}: "
+            f"{rates[name]:6.2f} steps/s ({rates[name] * n_img:7.0f} img/s)"
+        )
     r = list(rates.values())
     print(f"  ratio bf16-mixed + channels_last / float32: {r[1] / r[0]:.2f}x")
     x = torch.randn(256, 3, a.image_size, a.image_size, device="cuda")
     fp32 = embed_images_per_s(a.backbone, False, x, 20)
     bf16 = embed_images_per_s(a.backbone, True, x, 20)
-    print(f"  embedding, batch 256: float32 {fp32:8.0f} img/s | bf16 autocast + channels_last {bf16:8.0f} img/s | "
-          f"ratio {bf16 / fp32:.2f}x")
+    print(
+        f"  embedding, batch 256: float32 {fp32:8.0f} img/s | bf16 autocast + channels_last {bf16:8.0f} img/s | "
+        f"ratio {bf16 / fp32:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -107,7 +107,13 @@ def embed(cfg: DictConfig, module=None, exp=None):
         network = network.to(memory_format=torch.channels_last)
     dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     dm.eval_batch_size = cfg.embed.batch_size
-    columns = [TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} img/s"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.speed} img/s"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns) as bar, torch.inference_mode():
         task = bar.add_task("embed", total=len(images), completed=len(images) - len(rows))
         for batch in dm.loader(rows):
@@ -174,7 +180,7 @@ def pseudo_label_table(cfg: DictConfig, analysis: Analysis, classes):
 
     s = analysis.store
     unl = np.flatnonzero(s.labels < 0)
-    pick = (lambda a: None if a is None else a[unl])  # noqa: E731
+    pick = lambda a: None if a is None else a[unl]  # noqa: E731
     return build_pseudo_label_table(
         [s.paths[i] for i in unl],
         np.asarray(s.probs[unl]),
@@ -237,12 +243,20 @@ def analyze(cfg: DictConfig) -> Analysis:
     s = analysis.store
     predicted = np.where(s.labels >= 0, s.labels, np.asarray(s.probs).argmax(1))
     analysis.outputs["umap plot"] = plot_umap(
-        analysis.coords, predicted, classes, out / "umap.png", is_labeled=s.labels >= 0, title="UMAP of the embeddings"
+        analysis.coords,
+        predicted,
+        classes,
+        out / "umap.png",
+        is_labeled=s.labels >= 0,
+        title="UMAP of the embeddings",
     )
     evaluation = np.flatnonzero((s.labels >= 0) & (s.folds == analysis.eval_fold))
     if len(evaluation):
         analysis.outputs["knn confusion"] = plot_knn_confusion(
-            s.labels[evaluation], analysis.knn_probs[evaluation].argmax(1), classes, out / "knn_confusion.png",
+            s.labels[evaluation],
+            analysis.knn_probs[evaluation].argmax(1),
+            classes,
+            out / "knn_confusion.png",
             title=f"kNN (k={cfg.knn.k}) on evaluation fold {analysis.eval_fold}",
         )
     if analysis.clusters is not None:
@@ -252,7 +266,9 @@ def analyze(cfg: DictConfig) -> Analysis:
             "knn": cluster_purity(analysis.clusters[unl], analysis.knn_probs[unl].argmax(1), len(classes)),
         }
         for name, table in purity.items():
-            table = table.assign(dominant_class=[classes[c].folder if c >= 0 else "" for c in table.dominant_class])
+            table = table.assign(
+                dominant_class=[classes[c].folder if c >= 0 else "" for c in table.dominant_class]
+            )
             path = out / f"clusters_vs_{name}.csv"
             atomic_write_text(path, table.to_csv(index=False))
             analysis.outputs[f"cluster purity ({name})"] = path

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +90,12 @@ def method_class(name: str) -> type[BaseMethod]:
 
 
 def build_datamodule(
-    cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], network, steps_per_epoch: int, pseudo_labeled=None
+    cfg: DictConfig,
+    exp: Experiment,
+    method_cls: type[BaseMethod],
+    network,
+    steps_per_epoch: int,
+    pseudo_labeled=None,
 ) -> KvasirDataModule:
     """The DataModule of a run; normalisation comes from the network's timm data config."""
     d = cfg.data
@@ -316,7 +321,9 @@ def make_results(
         "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
         "labels_per_class": cfg.data.labels_per_class,
         "n_labeled": int(len(exp.split.labeled)),
-        "n_unlabeled": int(len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))),
+        "n_unlabeled": int(
+            len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))
+        ),
         "n_val": int(len(exp.split.val)),
         "n_test": int(len(exp.split.test)),
         "steps": steps,

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ssl_kvasir.data.splits import unlabeled_pool
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.io import atomic_write_json
 

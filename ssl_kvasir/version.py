@@ -14,7 +14,10 @@ def code_version() -> str:
     repo = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         if not sha:
             return __version__

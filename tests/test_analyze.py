@@ -21,16 +21,33 @@ TINY = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
 def trained(synth_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    args = ["fit", f"output_dir={out}", "backbone.name=test_resnet", "logger=csv", "trainer.max_steps=4",
-            "data.steps_per_epoch=2", "trainer.progress_bar=false", *data, *TINY]
+    args = [
+        "fit",
+        f"output_dir={out}",
+        "backbone.name=test_resnet",
+        "logger=csv",
+        "trainer.max_steps=4",
+        "data.steps_per_epoch=2",
+        "trainer.progress_bar=false",
+        *data,
+        *TINY,
+    ]
     assert main(args) == 0
     return json.loads((out / "results.json").read_text()), data
 
 
 def _analysis_args(trained, out, *extra):
     results, data = trained
-    return [f"checkpoint={results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0",
-            "embed.bf16=false", "umap.n_neighbors=5", "cluster.min_cluster_size=5", *extra]
+    return [
+        f"checkpoint={results['checkpoint']}",
+        f"output_dir={out}",
+        *data,
+        "data.num_workers=0",
+        "embed.bf16=false",
+        "umap.n_neighbors=5",
+        "cluster.min_cluster_size=5",
+        *extra,
+    ]
 
 
 def test_analyze_end_to_end(trained, tmp_path, capsys):
@@ -67,8 +84,22 @@ def test_analyze_end_to_end(trained, tmp_path, capsys):
 def test_export_in_authors_format_with_selection(trained, tmp_path):
     out = tmp_path / "export"
     target = out / "pl.csv"
-    assert main(["export-pseudo-labels", *_analysis_args(trained, out, f"output={target}", "format=authors",
-                                                          "select.top_k_per_class=2", "cluster.enabled=false")]) == 0
+    assert (
+        main(
+            [
+                "export-pseudo-labels",
+                *_analysis_args(
+                    trained,
+                    out,
+                    f"output={target}",
+                    "format=authors",
+                    "select.top_k_per_class=2",
+                    "cluster.enabled=false",
+                ),
+            ]
+        )
+        == 0
+    )
     lines = target.read_text().splitlines()
     assert lines[0] == "filename,predicted-label," + ",".join("ABCDEFGHIJKLMNOPQRSTUVW")
     rows = [line.split(",") for line in lines[1:]]
@@ -95,7 +126,12 @@ def test_bad_analysis_requests(trained, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = tmp_path / "ok"
-    code = main(["export-pseudo-labels", *_analysis_args(trained, out, f"output={blocker / 'pl.csv'}", "cluster.enabled=false")])
+    code = main(
+        [
+            "export-pseudo-labels",
+            *_analysis_args(trained, out, f"output={blocker / 'pl.csv'}", "cluster.enabled=false"),
+        ]
+    )
     assert code == 2
     assert str(blocker / "pl.csv") in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"

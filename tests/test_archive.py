@@ -27,8 +27,17 @@ def test_class_table_matches_the_shared_class_table():
     by_letter = {r["paper_letter"]: r for r in rows}
     for c in HYPERKVASIR_CLASSES:
         r = by_letter[c.letter]
-        assert (c.folder, c.split_name, c.tract, c.category) == (r["folder"], r["split_csv_name"], r["tract"], r["category"])
-        assert HYPERKVASIR_CLASSES.index(r["split_csv_name"]) == HYPERKVASIR_CLASSES.index(r["folder"]) == c.index
+        assert (c.folder, c.split_name, c.tract, c.category) == (
+            r["folder"],
+            r["split_csv_name"],
+            r["tract"],
+            r["category"],
+        )
+        assert (
+            HYPERKVASIR_CLASSES.index(r["split_csv_name"])
+            == HYPERKVASIR_CLASSES.index(r["folder"])
+            == c.index
+        )
 
 
 def test_lookup_accepts_both_spellings_and_lists_valid_names():
@@ -119,14 +128,29 @@ def test_problems_are_reported_not_lost(tmp_path, synth_archive):
     assert f"duplicate file name {first.name}" in text
     assert "unknown class folder" in text and "mystery" in text
     assert "no unlabeled images" in text
-    assert not (cat.images.filename == first.name).any() or (cat.images[cat.images.filename == first.name].fold == -1).all()
+    assert (
+        not (cat.images.filename == first.name).any()
+        or (cat.images[cat.images.filename == first.name].fold == -1).all()
+    )
 
     code = main(["check", "--root", str(root), "--split-file", str(split), "--json"])
     assert code == 1
 
 
 def test_check_cli_json(synth_archive, capsys):
-    assert main(["check", "--root", str(synth_archive), "--split-file", str(synth_archive / "2_fold_split.csv"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "--root",
+                str(synth_archive),
+                "--split-file",
+                str(synth_archive / "2_fold_split.csv"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["labeled"] == 138 and out["unlabeled"] == 60 and out["problems"] == []
     assert set(out) >= {"labeled", "unlabeled", "classes", "folds", "problems"}
@@ -143,11 +167,15 @@ def test_folder_source_with_generated_folds(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / "lab" / cls / f"{cls}{i}.png")
     (tmp_path / "unl").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "unl" / "u.jpg")
-    cat = load_catalog(tmp_path / "lab", source="folder", generate_folds=2, fold_seed=1, unlabeled_root=tmp_path / "unl")
+    cat = load_catalog(
+        tmp_path / "lab", source="folder", generate_folds=2, fold_seed=1, unlabeled_root=tmp_path / "unl"
+    )
     assert cat.classes.names == ["cats", "dogs"]
     assert len(cat.labeled) == 10 and len(cat.unlabeled) == 1
     assert all((cat.root / p).is_file() for p in cat.images.path)
-    again = load_catalog(tmp_path / "lab", source="folder", generate_folds=2, fold_seed=1, unlabeled_root=tmp_path / "unl")
+    again = load_catalog(
+        tmp_path / "lab", source="folder", generate_folds=2, fold_seed=1, unlabeled_root=tmp_path / "unl"
+    )
     assert (cat.images.fold == again.images.fold).all()
 
 

@@ -32,25 +32,61 @@ def _data(archive) -> list[str]:
 
 def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["fit", "method=fixmatch", "method.masking=flexmatch", "method.alignment=labeled", "data.fold=1",
-            "data.label_fraction=0.5", "seed=3", f"output_dir={out}", *_data(synth_archive), *TINY]
+    args = [
+        "fit",
+        "method=fixmatch",
+        "method.masking=flexmatch",
+        "method.alignment=labeled",
+        "data.fold=1",
+        "data.label_fraction=0.5",
+        "seed=3",
+        f"output_dir={out}",
+        *_data(synth_archive),
+        *TINY,
+    ]
     assert main(args) == 0
     r = json.loads((out / "results.json").read_text())
-    assert (r["method"], r["backbone"], r["fold"], r["seed"], r["label_fraction"]) == ("fixmatch", "test_resnet", 1, 3, 0.5)
+    assert (r["method"], r["backbone"], r["fold"], r["seed"], r["label_fraction"]) == (
+        "fixmatch",
+        "test_resnet",
+        1,
+        3,
+        0.5,
+    )
     assert r["n_labeled"] > 0 and r["n_unlabeled"] >= 60 and r["metrics_weights"] == "ema"
     assert r["config"]["method"]["masking"] == "flexmatch" and r["code_version"].startswith("0.1.0")
     cm = np.array(r["confusion_matrix"])
     assert cm.shape == (23, 23) and cm.sum() == r["n_test"] == 69  # fold 1 holds 3 of each class's 6
     for key, value in metrics_from_confusion(cm).items():
         assert r["metrics"][key] == pytest.approx(value)
-    assert set(r["metrics"]) >= {"mcc", "macro_f1", "micro_f1", "macro_precision", "macro_recall",
-                                 "micro_precision", "micro_recall", "balanced_accuracy"}
+    assert set(r["metrics"]) >= {
+        "mcc",
+        "macro_f1",
+        "micro_f1",
+        "macro_precision",
+        "macro_recall",
+        "micro_precision",
+        "micro_recall",
+        "balanced_accuracy",
+    }
     assert r["val_metrics"] is not None and "validation part of the training folds" in r["selection"]
     assert (out / "checkpoints" / "last.ckpt").exists() and (out / "confusion_matrix.png").exists()
     assert "MCC" in capsys.readouterr().out
 
     ev = tmp_path / "eval"
-    assert main(["evaluate", f"checkpoint={r['checkpoint']}", f"output_dir={ev}", "data.fold=1", *_data(synth_archive), *TINY]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                f"checkpoint={r['checkpoint']}",
+                f"output_dir={ev}",
+                "data.fold=1",
+                *_data(synth_archive),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     e = json.loads((ev / "evaluation.json").read_text())
     assert e["confusion_matrix"] == r["confusion_matrix"] and e["metrics"] == r["metrics"]
 
@@ -62,8 +98,16 @@ def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive,
 
 def test_self_training_rounds(synth_archive, tmp_path):
     out = tmp_path / "st"
-    args = ["fit", "method=self_training", "method.rounds=1", "method.pseudo.threshold=0.0",
-            "method.pseudo.balance=duplicate", f"output_dir={out}", *_data(synth_archive), *TINY]
+    args = [
+        "fit",
+        "method=self_training",
+        "method.rounds=1",
+        "method.pseudo.threshold=0.0",
+        "method.pseudo.balance=duplicate",
+        f"output_dir={out}",
+        *_data(synth_archive),
+        *TINY,
+    ]
     assert main(args) == 0
     r = json.loads((out / "results.json").read_text())
     assert [x["round"] for x in r["rounds"]] == [0, 1]
@@ -115,16 +159,34 @@ def test_checkpoint_of_another_class_count_is_refused(synth_archive, tmp_path, c
         (tmp_path / "two" / cls).mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "two" / cls / f"{i}.jpg")
-    code = main(["evaluate", f"checkpoint={ckpt}", f"output_dir={tmp_path / 'e'}", "data=folder",
-                 f"data.root={tmp_path / 'two'}", "data.generate_folds=2", *TINY])
+    code = main(
+        [
+            "evaluate",
+            f"checkpoint={ckpt}",
+            f"output_dir={tmp_path / 'e'}",
+            "data=folder",
+            f"data.root={tmp_path / 'two'}",
+            "data.generate_folds=2",
+            *TINY,
+        ]
+    )
     assert code == 2
     assert "has 23 classes, the data" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_last_checkpoint(synth_archive, tmp_path, capsys):
     out = tmp_path / "nan"
-    args = ["fit", f"output_dir={out}", *_data(synth_archive), *TINY, "data.steps_per_epoch=1",
-            "method.lr=1e30", "method.momentum=0", "method.nesterov=false", "method.eval_weights=model"]
+    args = [
+        "fit",
+        f"output_dir={out}",
+        *_data(synth_archive),
+        *TINY,
+        "data.steps_per_epoch=1",
+        "method.lr=1e30",
+        "method.momentum=0",
+        "method.nesterov=false",
+        "method.eval_weights=model",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "last good checkpoint" in err

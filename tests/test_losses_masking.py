@@ -19,10 +19,14 @@ def test_soft_cross_entropy_equals_naive_and_hard_case(b, c):
     g = torch.Generator().manual_seed(b * c)
     logits = torch.randn(b, c, generator=g)
     targets = torch.rand(b, c, generator=g).softmax(1)
-    naive = torch.stack([-sum(targets[i, k] * torch.log(logits[i].softmax(0)[k]) for k in range(c)) for i in range(b)])
+    naive = torch.stack(
+        [-sum(targets[i, k] * torch.log(logits[i].softmax(0)[k]) for k in range(c)) for i in range(b)]
+    )
     assert torch.allclose(soft_cross_entropy(logits, targets, "none"), naive, atol=1e-5)
     y = torch.randint(0, c, (b,), generator=g)
-    assert torch.allclose(soft_cross_entropy(logits, F.one_hot(y, c).float()), F.cross_entropy(logits, y), atol=1e-6)
+    assert torch.allclose(
+        soft_cross_entropy(logits, F.one_hot(y, c).float()), F.cross_entropy(logits, y), atol=1e-6
+    )
 
 
 def test_masked_cross_entropy_averages_over_all_unlabeled_images():
@@ -123,7 +127,7 @@ def test_ema_equals_naive_average_with_warmup():
 
 def test_fixed_decay_keeps_initial_weights_a_long_time():
     # The reason for the warm-up: 0.999**1300 of the random initial weights remain without it.
-    assert 0.999**1300 == pytest.approx(0.27, abs=0.01)
+    assert pytest.approx(0.27, abs=0.01) == 0.999**1300
     assert EMA(torch.nn.Linear(1, 1), 0.999, warmup=False).current_decay() == 0.999
 
 

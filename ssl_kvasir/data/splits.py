@@ -35,19 +35,25 @@ class ExperimentSplit:
     unlabeled: np.ndarray
 
 
-def unlabeled_pool(split: ExperimentSplit, use_archive_unlabeled: bool = True, unlabeled_rest: bool = True) -> np.ndarray:
+def unlabeled_pool(
+    split: ExperimentSplit, use_archive_unlabeled: bool = True, unlabeled_rest: bool = True
+) -> np.ndarray:
     """Catalog rows of the unlabeled pool: the archive's unlabeled images and/or the training images left
     out of the labeled subset (whose labels are then used only to measure pseudo-label accuracy)."""
     parts = [split.unlabeled] * use_archive_unlabeled + [split.rest] * unlabeled_rest
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-def _per_class_order(labels: np.ndarray, rows: np.ndarray, num_classes: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _per_class_order(
+    labels: np.ndarray, rows: np.ndarray, num_classes: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """For each class, its rows in one seeded random order."""
     return [rng.permutation(rows[labels[rows] == c]) for c in range(num_classes)]
 
 
-def subset_sizes(available: np.ndarray, label_fraction: float | None, labels_per_class: int | None) -> np.ndarray:
+def subset_sizes(
+    available: np.ndarray, label_fraction: float | None, labels_per_class: int | None
+) -> np.ndarray:
     """How many labeled images each class keeps: ``round(fraction * n)`` or ``labels_per_class``, at least 1,
     never more than the class has."""
     if (label_fraction is None) == (labels_per_class is None):

@@ -105,7 +105,10 @@ class BaseMethod(L.LightningModule):
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
@@ -159,7 +162,9 @@ class BaseMethod(L.LightningModule):
         metrics = metrics_from_confusion(cm)
         self.last_eval[stage] = {"metrics": metrics, "confusion_matrix": cm}
         # Every process evaluated the whole set (no distributed sampler), so no reduction is needed.
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
+        self.log_dict(
+            {f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)

@@ -15,7 +15,7 @@ ALIGNMENTS = ("labeled", "uniform")
 
 
 class FixMatch(BaseMethod):
-    """"For each unlabeled image, we first compute an artificial label from the model's prediction on a weakly
+    """ "For each unlabeled image, we first compute an artificial label from the model's prediction on a weakly
     augmented version ... only retained if the model assigns a probability above a threshold. The model is
     then trained to predict the artificial label when fed a strongly-augmented version of the same image."
 
@@ -40,7 +40,9 @@ class FixMatch(BaseMethod):
         lb = datamodule.streams["lb"]
         return {
             "num_unlabeled": len(datamodule.streams["ulb"].rows),
-            "labeled_class_counts": [int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)],
+            "labeled_class_counts": [
+                int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)
+            ],
         }
 
     def __init__(

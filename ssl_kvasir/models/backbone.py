@@ -73,7 +73,14 @@ class MultiBackbone(nn.Module):
 class PartsHead(nn.Module):
     """One linear classifier per part of the features, combined by averaging or by an MLP."""
 
-    def __init__(self, part_dims: Sequence[int], num_classes: int, combine: str, hidden: int = 256, dropout: float = 0.0):
+    def __init__(
+        self,
+        part_dims: Sequence[int],
+        num_classes: int,
+        combine: str,
+        hidden: int = 256,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.part_dims = list(part_dims)
         self.dropout = nn.Dropout(dropout)
@@ -81,7 +88,9 @@ class PartsHead(nn.Module):
         self.combine = combine
         if combine == "mlp":
             self.mlp = nn.Sequential(
-                nn.Linear(num_classes * len(part_dims), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+                nn.Linear(num_classes * len(part_dims), hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, num_classes),
             )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -148,7 +157,9 @@ def build_network(
     if weights:
         files = [weights] if isinstance(weights, str | Path) else list(weights)
         if len(files) != len(parts):
-            raise ConfigError(f"backbone {name!r} has {len(parts)} parts but {len(files)} weight files were given")
+            raise ConfigError(
+                f"backbone {name!r} has {len(parts)} parts but {len(files)} weight files were given"
+            )
         for part, part_name, f in zip(parts, names, files, strict=True):
             load_weights(part, Path(f), part_name)
     data_config = timm.data.resolve_model_data_config(parts[0])
@@ -162,7 +173,9 @@ def build_network(
     }
     backbone = parts[0] if len(parts) == 1 else MultiBackbone(parts)
     if head == "linear":
-        classifier: nn.Module = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(feature_dim(backbone), num_classes))
+        classifier: nn.Module = nn.Sequential(
+            nn.Dropout(drop_rate), nn.Linear(feature_dim(backbone), num_classes)
+        )
     else:
         part_dims = getattr(backbone, "part_dims", [feature_dim(backbone)])
         classifier = PartsHead(part_dims, num_classes, head, mlp_hidden, drop_rate)
@@ -202,7 +215,11 @@ def load_weights(backbone: nn.Module, path: Path, name: str) -> None:
     state = _read_state_dict(Path(path))
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or mismatched:
         detail = []
         if missing:
