@@ -44,7 +44,11 @@ class Experiment:
 
 
 def load_experiment(data: DictConfig) -> Experiment:
-    """Catalog, split and (optional) cache from a ``data`` config."""
+    """Catalog, cache (optional) and split from a ``data`` config.
+
+    Images that ``prepare`` could not decode are left out, each reported; images missing from the cache
+    (the archive grew since) are an error, since ``prepare`` can add them.
+    """
     catalog = load_catalog(
         Path(data.root),
         source=data.source,
@@ -52,16 +56,6 @@ def load_experiment(data: DictConfig) -> Experiment:
         generate_folds=data.generate_folds,
         fold_seed=data.seed,
         unlabeled_root=Path(data.unlabeled_root) if data.unlabeled_root else None,
-    )
-    for problem in catalog.problems:
-        log.warning("%s", problem)
-    split = make_split(
-        catalog,
-        eval_fold=data.fold,
-        val_fraction=data.val_fraction,
-        label_fraction=data.label_fraction,
-        labels_per_class=data.labels_per_class,
-        seed=data.seed,
     )
     cache = None
     if data.cache:
@@ -73,12 +67,26 @@ def load_experiment(data: DictConfig) -> Experiment:
                 f"cache {data.cache} was built at {cache.size} px, smaller than data.image_size={data.image_size}; "
                 f"run `ssl-kvasir prepare --size {data.image_size}` or lower data.image_size"
             )
+        bad = catalog.images.path.isin(cache.skipped.keys())
+        for path in catalog.images.path[bad]:
+            catalog.problems.append(f"{path} is left out: prepare could not decode it ({cache.skipped[path]})")
+        catalog.images = catalog.images[~bad].reset_index(drop=True)
         missing = cache.missing(list(catalog.images.path))
         if missing:
             raise DataError(
                 f"cache {data.cache} lacks {len(missing)} images of the archive (e.g. {missing[0]}); "
                 "run `ssl-kvasir prepare` again to add them"
             )
+    for problem in catalog.problems:
+        log.warning("%s", problem)
+    split = make_split(
+        catalog,
+        eval_fold=data.fold,
+        val_fraction=data.val_fraction,
+        label_fraction=data.label_fraction,
+        labels_per_class=data.labels_per_class,
+        seed=data.seed,
+    )
     return Experiment(catalog, split, cache)
 
 

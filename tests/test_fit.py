@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -191,3 +192,20 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_checkpoint(synth_archive, 
     err = capsys.readouterr().err
     assert "loss became" in err and "last good checkpoint" in err
     assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "results.json").exists()
+
+
+def test_fit_from_cache_leaves_out_undecodable_images(synth_archive, tmp_path, capsys):
+    root = tmp_path / "archive"
+    shutil.copytree(synth_archive, root)
+    victim = next((root / "unlabeled-images" / "images").iterdir())
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--root", str(root), "--cache", str(cache), "--size", "32", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    args = ["fit", "method=fixmatch", f"output_dir={out}", f"data.cache={cache}", *_data(root), *TINY]
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["n_unlabeled"] == 59  # 60 generated, one truncated and reported
+    assert victim.name in capsys.readouterr().err
+    assert main([*args[:-len(TINY)], *TINY, "data.image_size=64", f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert "built at 32 px" in capsys.readouterr().err
