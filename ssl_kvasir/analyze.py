@@ -162,6 +162,31 @@ def run_knn(cfg: DictConfig, analysis: Analysis) -> None:
         }
 
 
+def neighbours(cfg: DictConfig, analysis: Analysis, classes, path: Path) -> Path:
+    """The nearest labeled training images of each image named in ``knn.neighbours_of``, as one CSV."""
+    import pandas as pd
+
+    from ssl_kvasir.analysis.knn import nearest_labeled
+    from ssl_kvasir.errors import DataError
+
+    s = analysis.store
+    row_of = {p: i for i, p in enumerate(s.paths)} | {Path(p).name: i for i, p in enumerate(s.paths)}
+    db = np.flatnonzero((s.labels >= 0) & (s.folds >= 0) & (s.folds != analysis.eval_fold))
+    db_feats = np.asarray(s.features[db], dtype=np.float32)
+    tables = []
+    for query in cfg.knn.neighbours_of:
+        if query not in row_of:
+            raise DataError(f"knn.neighbours_of: {query!r} is not an image of {cfg.data.root}")
+        i = row_of[query]
+        found = nearest_labeled(
+            db_feats, [s.paths[j] for j in db], s.labels[db], np.asarray(s.features[i], dtype=np.float32),
+            k=cfg.knn.neighbours_k, classes=classes,
+        )
+        tables.append(found.assign(query=s.paths[i])[["query", *found.columns]])
+    atomic_write_text(path, pd.concat(tables).to_csv(index=False))
+    return path
+
+
 def run_clusters(cfg: DictConfig, analysis: Analysis) -> None:
     """UMAP to 2-D (plots) and to ``umap.cluster_dims`` (clustering), HDBSCAN clusters and outlier scores."""
     from ssl_kvasir.analysis.cluster import hdbscan_cluster, umap_embed
@@ -239,6 +264,8 @@ def analyze(cfg: DictConfig) -> Analysis:
     analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
     analysis.outputs["embeddings"] = store_dir(cfg)
     run_knn(cfg, analysis)
+    if cfg.knn.neighbours_of:
+        analysis.outputs["nearest labeled images"] = neighbours(cfg, analysis, classes, out / "neighbours.csv")
     run_clusters(cfg, analysis)
     s = analysis.store
     predicted = np.where(s.labels >= 0, s.labels, np.asarray(s.probs).argmax(1))

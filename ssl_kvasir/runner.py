@@ -31,7 +31,7 @@ log = logging.getLogger("ssl_kvasir")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 # Keys of a method config that configure the run around the module, not the module itself.
-RUN_KEYS = ("name", "rounds", "pseudo")
+RUN_KEYS = ("name", "rounds", "pseudo", "noise")
 
 
 @dataclass

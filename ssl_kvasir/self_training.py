@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.io import atomic_write_json
@@ -81,6 +81,11 @@ def fit_rounds(cfg: DictConfig, exp, out: Path) -> dict:
 
     p = cfg.method.pseudo
     images = exp.catalog.images
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        # The student is noised: the method's dropout and stochastic depth, unless the backbone config sets its own.
+        cfg.backbone.drop_rate = cfg.backbone.drop_rate or cfg.method.noise.drop_rate
+        cfg.backbone.drop_path_rate = cfg.backbone.drop_path_rate or cfg.method.noise.drop_path_rate
     pool = np.concatenate(
         [exp.split.unlabeled, exp.split.rest] if cfg.data.unlabeled_rest else [exp.split.unlabeled]
     )

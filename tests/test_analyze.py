@@ -50,10 +50,13 @@ def _analysis_args(trained, out, *extra):
     ]
 
 
-def test_analyze_end_to_end(trained, tmp_path, capsys):
+def test_analyze_end_to_end(trained, synth_archive, tmp_path, capsys):
     results, _ = trained
     out = tmp_path / "analysis"
-    assert main(["analyze", *_analysis_args(trained, out)]) == 0
+    from ssl_kvasir.data.archive import load_catalog
+
+    some = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv").unlabeled.path.iloc[0]
+    assert main(["analyze", *_analysis_args(trained, out, f"knn.neighbours_of=[{some}]", "knn.neighbours_k=3")]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "analysis.json").read_text())
     for path in summary["outputs"].values():
@@ -79,6 +82,12 @@ def test_analyze_end_to_end(trained, tmp_path, capsys):
     assert table.knn_class.notna().all() and table.cluster.notna().all()
     by_path = dict(zip(table.path, table.paper_index, strict=True))
     assert [by_path[store.paths[i]] for i in np.flatnonzero(unl)] == predicted.tolist()
+    # The nearest labeled images of one unlabeled image, most similar first, all from the training fold.
+    near = pd.read_csv(out / "neighbours.csv")
+    assert near["query"].eq(some).all() and len(near) == 3
+    assert near.similarity.is_monotonic_decreasing
+    folds = dict(zip(store.paths, store.folds, strict=True))
+    assert all(folds[p] not in (-1, summary["eval_fold"]) for p in near.path)
 
 
 def test_export_in_authors_format_with_selection(trained, tmp_path):
