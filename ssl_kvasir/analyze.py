@@ -179,8 +179,12 @@ def neighbours(cfg: DictConfig, analysis: Analysis, classes, path: Path) -> Path
             raise DataError(f"knn.neighbours_of: {query!r} is not an image of {cfg.data.root}")
         i = row_of[query]
         found = nearest_labeled(
-            db_feats, [s.paths[j] for j in db], s.labels[db], np.asarray(s.features[i], dtype=np.float32),
-            k=cfg.knn.neighbours_k, classes=classes,
+            db_feats,
+            [s.paths[j] for j in db],
+            s.labels[db],
+            np.asarray(s.features[i], dtype=np.float32),
+            k=cfg.knn.neighbours_k,
+            classes=classes,
         )
         tables.append(found.assign(query=s.paths[i])[["query", *found.columns]])
     atomic_write_text(path, pd.concat(tables).to_csv(index=False))
@@ -265,7 +269,9 @@ def analyze(cfg: DictConfig) -> Analysis:
     analysis.outputs["embeddings"] = store_dir(cfg)
     run_knn(cfg, analysis)
     if cfg.knn.neighbours_of:
-        analysis.outputs["nearest labeled images"] = neighbours(cfg, analysis, classes, out / "neighbours.csv")
+        analysis.outputs["nearest labeled images"] = neighbours(
+            cfg, analysis, classes, out / "neighbours.csv"
+        )
     run_clusters(cfg, analysis)
     s = analysis.store
     predicted = np.where(s.labels >= 0, s.labels, np.asarray(s.probs).argmax(1))

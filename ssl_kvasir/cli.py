@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,11 @@ def _check(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     catalog = load_catalog(
-        a.root, source=a.source, split_file=a.split_file, generate_folds=a.generate_folds, unlabeled_root=a.unlabeled_root
+        a.root,
+        source=a.source,
+        split_file=a.split_file,
+        generate_folds=a.generate_folds,
+        unlabeled_root=a.unlabeled_root,
     )
     summary = catalog.summary()
     if a.json:
@@ -44,7 +49,9 @@ def _print_check(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{summary['root']}: {summary['labeled']} labeled, {summary['unlabeled']} unlabeled images")
+    table = Table(
+        title=f"{summary['root']}: {summary['labeled']} labeled, {summary['unlabeled']} unlabeled images"
+    )
     table.add_column("class")
     table.add_column("images", justify="right")
     for name, n in summary["classes"].items():
@@ -245,15 +252,30 @@ def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
     return argv
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (tests and callers replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
-    import logging
+    """Rich log lines on a terminal; plain, unwrapped lines (whole paths, greppable) in files and pipes."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    # A console without a fixed file writes to whatever sys.stderr is at the time of each message.
-    handler = RichHandler(console=Console(stderr=True), show_path=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
 
 
@@ -287,8 +309,11 @@ def _analysis_command(step: str):
         from ssl_kvasir.config import compose
 
         if any(a in ("-h", "--help") for a in argv):
-            print(f"usage: ssl-kvasir {step} checkpoint=CKPT data.root=DIR data.split_file=F output_dir=DIR "
-                  "[KEY=VALUE ...] (keys: configs/analyze.yaml)", file=sys.stderr)
+            print(
+                f"usage: ssl-kvasir {step} checkpoint=CKPT data.root=DIR data.split_file=F output_dir=DIR "
+                "[KEY=VALUE ...] (keys: configs/analyze.yaml)",
+                file=sys.stderr,
+            )
             return 0
         cfg = compose("analyze", argv)
         _setup_logging()
@@ -335,18 +360,66 @@ def _composition(argv: list[str]) -> int:
     return 0
 
 
+def _curves(argv: list[str]) -> int:
+    from ssl_kvasir.curves import CURVE_METRICS, load_runs, open_wandb_run, wandb_project, write_curves
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir curves",
+        description="Label-efficiency curves: mean, std and n over folds and seeds of every run's results.json, "
+        "per method and label budget, as CSV, Markdown and a PNG beside the paper's DenseNet-161.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="sweep folder(s), searched recursively")
+    p.add_argument("--out", type=Path, required=True, help="folder for label_efficiency.csv, .md and .png")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(CURVE_METRICS),
+        metavar="METRIC",
+        help=f"metrics of results.json to summarize (default: {' '.join(CURVE_METRICS)})",
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the table and plot to a W&B run in the sweep's project (offline unless W&B is configured)",
+    )
+    p.add_argument("--wandb-project", help="W&B project for --wandb (default: the one the runs logged to)")
+    a = p.parse_args(argv)
+    run, logged = None, ""
+    if a.wandb:
+        project, entity = wandb_project(load_runs(a.runs, a.metrics), a.wandb_project)
+        run = open_wandb_run(project, entity, a.out)
+        logged = f"-> W&B run {run.name} in project {project} ({run.settings.mode}): label_efficiency/table, /curves"
+    try:
+        report = write_curves(a.runs, a.out, metrics=a.metrics, wandb_run=run)
+    finally:
+        if run is not None:
+            run.finish()
+    print(report.markdown, end="")
+    print("\n".join(f"-> {path}" for path in report.files.values()))
+    if logged:
+        print(logged)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (_fit, "train a method (Hydra overrides: method=... data.root=... output_dir=...)"),
     "evaluate": (_evaluate, "re-evaluate a checkpoint on the evaluation fold (checkpoint=CKPT ...)"),
     "embed": (_analysis_command("embed"), "features and probabilities of every image, streamed to disk"),
-    "analyze": (_analysis_command("analyze"), "embeddings, kNN, UMAP clusters, composition, pseudo-label export"),
-    "export-pseudo-labels": (_analysis_command("export"), "pseudo-label CSV of the unlabeled images (output=FILE.csv)"),
+    "analyze": (
+        _analysis_command("analyze"),
+        "embeddings, kNN, UMAP clusters, composition, pseudo-label export",
+    ),
+    "export-pseudo-labels": (
+        _analysis_command("export"),
+        "pseudo-label CSV of the unlabeled images (output=FILE.csv)",
+    ),
     "check": (_check, "validate a downloaded archive and its split file"),
     "synth": (_synth, "write a synthetic archive in the HyperKvasir layout"),
     "prepare": (_prepare, "cache every image shrunk and re-encoded for fast loading"),
     "baselines": (_baselines, "the paper's majority-class and random-guessing rows from a split file"),
     "report": (_report, "average runs per system over folds; Table 3 beside the paper's"),
     "composition": (_composition, "predicted-class counts and agreement of prediction files (Fig. 9)"),
+    "curves": (_curves, "label-efficiency curves of a sweep: CSV, Markdown, PNG (and W&B)"),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssl_kvasir.config import require
@@ -21,7 +22,7 @@ from ssl_kvasir.data.archive import Catalog, load_catalog
 from ssl_kvasir.data.datamodule import KvasirDataModule
 from ssl_kvasir.data.splits import ExperimentSplit, make_split, unlabeled_pool
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.io import atomic_write_json
+from ssl_kvasir.io import atomic_write, atomic_write_json
 from ssl_kvasir.methods import METHODS, BaseMethod
 from ssl_kvasir.models import build_network
 from ssl_kvasir.version import code_version
@@ -69,7 +70,9 @@ def load_experiment(data: DictConfig) -> Experiment:
             )
         bad = catalog.images.path.isin(cache.skipped.keys())
         for path in catalog.images.path[bad]:
-            catalog.problems.append(f"{path} is left out: prepare could not decode it ({cache.skipped[path]})")
+            catalog.problems.append(
+                f"{path} is left out: prepare could not decode it ({cache.skipped[path]})"
+            )
         catalog.images = catalog.images[~bad].reset_index(drop=True)
         missing = cache.missing(list(catalog.images.path))
         if missing:
@@ -202,21 +205,38 @@ def _stable_run_id(out: Path) -> str:
     return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target and renamed into place.
+
+    Lightning's own writer stages the file in the system's temporary folder and moves it: across filesystems
+    (a cluster's shared output folder) that move is a copy, and a job killed during it leaves a truncated
+    ``last.ckpt`` behind.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+
 def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="best",
         monitor=t.monitor if has_val else None,
         mode="max",
         save_top_k=1,
-        save_last=True,
         enable_version_counter=False,
     )
-    plugins = []
+    # The resume point, written at every epoch end. Not ModelCheckpoint(save_last=True): Lightning 2.6 writes
+    # that one only when the monitored metric improved, so a requeued job would redo every epoch since then.
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+    )
+    plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -232,7 +252,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         strategy=t.strategy,
         precision=t.precision,
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[best, last],  # trainer.checkpoint_callback is the first: the model selection
         plugins=plugins,
         # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
         use_distributed_sampler=False,

@@ -56,7 +56,10 @@ def test_analyze_end_to_end(trained, synth_archive, tmp_path, capsys):
     from ssl_kvasir.data.archive import load_catalog
 
     some = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv").unlabeled.path.iloc[0]
-    assert main(["analyze", *_analysis_args(trained, out, f"knn.neighbours_of=[{some}]", "knn.neighbours_k=3")]) == 0
+    assert (
+        main(["analyze", *_analysis_args(trained, out, f"knn.neighbours_of=[{some}]", "knn.neighbours_k=3")])
+        == 0
+    )
     printed = capsys.readouterr().out
     summary = json.loads((out / "analysis.json").read_text())
     for path in summary["outputs"].values():

@@ -61,14 +61,31 @@ def _orders(sampler: EpochSampler, world: int, monkeypatch) -> list[list[int]]:
 def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks(monkeypatch):
     s = EpochSampler(10, num_samples=12, seed=3)
     first = list(s)
-    assert len(first) == 12 and set(first) == set(range(10))  # 1.2 passes: every item, some twice
+    items = [i for i, _ in first]
+    assert len(first) == 12 and set(items) == set(range(10))  # 1.2 passes: every item, some twice
+    assert len({seed for _, seed in first}) == 12  # one augmentation seed per draw
     assert list(EpochSampler(10, 12, seed=3)) == first
     s.set_epoch(1)
     assert list(s) != first
     s.set_epoch(0)
     assert list(s) == first
+    epoch = {"now": 1}
+    assert list(EpochSampler(10, 12, seed=3, epoch_fn=lambda: epoch["now"])) == list(s.set_epoch(1) or s)
     a, b = _orders(EpochSampler(8, num_samples=4, seed=0), world=2, monkeypatch=monkeypatch)
-    assert len(a) == len(b) == 4 and not set(a) & set(b)  # two ranks share one pass without overlap
+    assert len(a) == len(b) == 4 and not {i for i, _ in a} & {i for i, _ in b}  # ranks share one pass
+    assert not {x for _, x in a} & {x for _, x in b}
+
+
+def test_augmentation_is_a_function_of_the_sampled_seed(synth_archive):
+    catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
+    split = make_split(catalog, eval_fold=0, seed=0)
+    dm = KvasirDataModule(catalog, split, image_size=32, mean=MEAN, std=STD, num_workers=0, strong_color=True)
+    ds = dm.dataset(split.labeled[:3], ("weak", "strong"))
+    a = ds[(1, 12345)]
+    torch.manual_seed(999)  # whatever the generators held before
+    b = ds[(1, 12345)]
+    assert torch.equal(a["strong"], b["strong"]) and torch.equal(a["weak"], b["weak"])
+    assert not torch.equal(ds[(1, 54321)]["strong"], a["strong"])
 
 
 def test_datamodule_serves_the_methods_streams(synth_archive):
@@ -77,8 +94,18 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     rows = split.unlabeled[:5]
     targets = np.full((5, 23), 1 / 23, dtype=np.float32)
     dm = KvasirDataModule(
-        catalog, split, image_size=32, mean=MEAN, std=STD, batch_size=4, mu=3, labeled_views=("weak",),
-        unlabeled_views=("weak", "strong"), pseudo_labeled=(rows, targets), steps_per_epoch=2, num_workers=0,
+        catalog,
+        split,
+        image_size=32,
+        mean=MEAN,
+        std=STD,
+        batch_size=4,
+        mu=3,
+        labeled_views=("weak",),
+        unlabeled_views=("weak", "strong"),
+        pseudo_labeled=(rows, targets),
+        steps_per_epoch=2,
+        num_workers=0,
     )
     loaders = dm.train_dataloader()
     assert set(loaders) == {"lb", "ulb", "pl"} and all(len(dl) == 2 for dl in loaders.values())
@@ -90,7 +117,12 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     assert (pool[ulb["pos"].numpy()] == ulb["index"].numpy()).all()  # positions index the pool
     images = catalog.images
     assert all(images.path[i] == p for i, p in zip(ulb["index"].tolist(), ulb["path"], strict=True))
-    assert pl["target"].shape == (4, 23) and pl["weak"].shape == (4, 3, 32, 32)  # served with the labeled views
+    assert pl["target"].shape == (4, 23) and pl["weak"].shape == (
+        4,
+        3,
+        32,
+        32,
+    )  # served with the labeled views
     assert set(pl["index"].tolist()) <= set(rows.tolist())
     test = next(iter(dm.test_dataloader()))
     assert set(test) >= {"index", "pos", "path", "label", "eval"}

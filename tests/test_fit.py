@@ -207,7 +207,7 @@ def test_fit_from_cache_leaves_out_undecodable_images(synth_archive, tmp_path, c
     r = json.loads((out / "results.json").read_text())
     assert r["n_unlabeled"] == 59  # 60 generated, one truncated and reported
     assert victim.name in capsys.readouterr().err
-    assert main([*args[:-len(TINY)], *TINY, "data.image_size=64", f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert main([*args[: -len(TINY)], *TINY, "data.image_size=64", f"output_dir={tmp_path / 'r2'}"]) == 2
     assert "built at 32 px" in capsys.readouterr().err
 
 
@@ -216,7 +216,14 @@ def test_wandb_logger_runs_offline_with_group_and_tags(synth_archive, tmp_path, 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # W&B not configured: must stay offline
     out = tmp_path / "wb"
-    args = ["fit", "method=fixmatch", "data.label_fraction=0.5", f"output_dir={out}", *_data(synth_archive), *TINY]
+    args = [
+        "fit",
+        "method=fixmatch",
+        "data.label_fraction=0.5",
+        f"output_dir={out}",
+        *_data(synth_archive),
+        *TINY,
+    ]
     assert main([*args, "logger=wandb"]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["group"] == "fixmatch-test_resnet-frac0.5"

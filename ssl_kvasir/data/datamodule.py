@@ -8,6 +8,8 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,16 @@ class ImageDataset(Dataset):
             return self.cache.load(path, self.min_size)
         return decode_image(self.root / path, self.min_size, name=str(self.root / path))
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        if isinstance(item, tuple):
+            # From an EpochSampler: (position, augmentation seed). The sample's augmentation is then a function of
+            # (seed, epoch, position in the epoch), whatever process draws it and whether the run was resumed.
+            i, augmentation_seed = item
+            with seeded(augmentation_seed):
+                return self._sample(i)
+        return self._sample(item)
+
+    def _sample(self, i: int) -> dict:
         image = self.load(i)
         sample = {"index": int(self.rows[i]), "pos": i, "path": self.paths[i], "label": int(self.labels[i])}
         sample.update(apply_views(image, self.views))  # one resize shared by the views
@@ -71,17 +82,40 @@ class ImageDataset(Dataset):
         return sample
 
 
-class EpochSampler(Sampler[int]):
-    """``num_samples`` indices per epoch and per process, drawn as reshuffled passes over ``n`` items.
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed the generators that augmentations draw from (torchvision: torch; timm's RandAugment: random and
+    numpy), and restore them afterwards, so that loading data never shifts the random stream of training."""
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
 
-    The order is a fixed function of ``(seed, epoch)``; under DDP every rank takes its own stride of one
-    shared order, so ranks never see the same item in a step.
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """``num_samples`` items per epoch and per process, drawn as reshuffled passes over ``n`` items.
+
+    Yields ``(position, augmentation seed)`` pairs. Both are fixed functions of ``(seed, epoch)``; under DDP
+    every rank takes its own stride of one shared order, so ranks never see the same item in a step.
+
+    Args:
+        n: number of items.
+        num_samples: items per epoch and process.
+        seed: the stream's seed.
+        epoch_fn: reads the current epoch when an epoch's iterator is made (the trainer's epoch, which a
+            resumed run restores); without it, the epoch given to :meth:`set_epoch`.
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int):
+    def __init__(self, n: int, num_samples: int, seed: int, epoch_fn: Callable[[], int] | None = None):
         if n == 0:
             raise ValueError("cannot sample from an empty set")
-        self.n, self.num_samples, self.seed, self.epoch = n, num_samples, seed, 0
+        self.n, self.num_samples, self.seed, self.epoch, self.epoch_fn = n, num_samples, seed, 0, epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,11 +127,13 @@ class EpochSampler(Sampler[int]):
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total = self.num_samples * world
         passes = -(-total // self.n)
         order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(passes)])[:total]
-        return iter(order[rank::world].tolist())
+        base = (self.seed * 1_000_003 + epoch) * 10_000_019
+        return iter((int(order[k]), (base + k) % 2**63) for k in range(rank, total, world))
 
 
 @dataclass(frozen=True)
@@ -199,6 +235,18 @@ class KvasirDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.catalog.classes)
 
+    def _current_epoch(self) -> int:
+        """The epoch that the next training iterator serves, as Lightning numbers it for ``set_epoch``.
+
+        ``processed``, not ``trainer.current_epoch``: a checkpoint is written at an epoch's end before the
+        epoch counts as completed, so right after a resume ``current_epoch`` still names the finished epoch,
+        and Lightning makes (and, with worker processes, primes) the first iterator before it calls
+        ``set_epoch``.
+        """
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
     def dataset(
         self, rows: np.ndarray, views: Sequence[str], targets: np.ndarray | None = None
     ) -> ImageDataset:
@@ -224,15 +272,17 @@ class KvasirDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=sampler is not None,
-            # Its own generator (one seed per stream): making an iterator then draws the worker seed from it, not
-            # from the global RNG that on_train_epoch_start reseeds, so a resumed epoch sees the same augmentations.
-            generator=torch.Generator().manual_seed(sampler.seed) if sampler is not None else None,
         )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         loaders = {}
         for k, (name, s) in enumerate(self.streams.items()):
-            sampler = EpochSampler(len(s.rows), self.steps_per_epoch * s.batch_size, seed=self.seed * 7 + k)
+            sampler = EpochSampler(
+                len(s.rows),
+                self.steps_per_epoch * s.batch_size,
+                seed=self.seed * 7 + k,
+                epoch_fn=self._current_epoch,
+            )
             loaders[name] = self._loader(self.dataset(s.rows, s.views, s.targets), s.batch_size, sampler)
         return loaders
 

@@ -1,0 +1,70 @@
+"""The demo's analysis step: the runs beside the paper's Table 3, and the best run picked for the analysis of
+the unlabeled images.
+
+    python experiments/demo_analysis.py --runs demo/runs --out demo/analysis [--split-file FILE]
+
+Writes ``table3.csv``, ``table3.md`` and confusion matrices (``ssl-kvasir report``), and ``best_run.json``: the
+run with the highest evaluation MCC, its checkpoint and its metrics. The analysis of the unlabeled images with
+that checkpoint (embeddings, clusters, composition, pseudo-label export) belongs in this step, after the
+choice of the best run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ssl_kvasir.curves import load_runs
+from ssl_kvasir.errors import SslKvasirError
+from ssl_kvasir.io import atomic_write_json
+from ssl_kvasir.report import render_markdown, write_report
+
+
+def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
+    """The run with the highest evaluation ``metric`` (ties: the first path in sorted order)."""
+    runs = load_runs([runs_dir], metrics=[metric]).sort_values("path")
+    best = runs.loc[runs[metric].idxmax()]
+    results = json.loads(Path(best.path).read_text())
+    return {
+        "results": best.path,
+        "run_dir": str(Path(best.path).parent),
+        "checkpoint": results["checkpoint"],
+        "method": results["method"],
+        "backbone": results["backbone"],
+        "label_fraction": results["label_fraction"],
+        "labels_per_class": results["labels_per_class"],
+        "fold": results["fold"],
+        "selected_by": metric,
+        "metrics": results["metrics"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=Path, required=True, help="the sweep folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for table3.* and best_run.json")
+    p.add_argument("--split-file", type=Path, help="adds the majority-class and random-guessing rows")
+    a = p.parse_args(argv)
+    try:
+        rows = write_report([a.runs], a.out / "table3", split_file=a.split_file, n_random_repeats=20)
+        print(render_markdown(rows), end="")
+        best = best_run(a.runs)
+    except SslKvasirError as e:
+        print(f"demo_analysis: error: {e}", file=sys.stderr)
+        return 2
+    atomic_write_json(a.out / "best_run.json", best)
+    if best["labels_per_class"] is None:
+        budget = f"{100 * best['label_fraction']:g} % of the labels"
+    else:
+        budget = f"{best['labels_per_class']} labels per class"
+    print(
+        f"\nbest run: {best['method']} {best['backbone']} with {budget}, fold {best['fold']}: "
+        f"MCC {best['metrics']['mcc']:.4f}\n  checkpoint {best['checkpoint']}\n-> {a.out / 'best_run.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Label-efficiency curves: each method's metrics against its label budget, read from a sweep's results files.
+
+A *curve* is one method on one backbone; its points are label budgets, either a fraction of the labeled
+training images (``label_fraction``) or a number of labeled images per class (``labels_per_class``). A point is
+the mean, the sample standard deviation and the number of the runs at that budget, over folds and seeds alike.
+The paper's supervised DenseNet-161 trained on every label (Borgli et al. 2020, Table 3) is drawn as a dashed
+reference line: the curves show what share of the labels a method needs to reach it.
+
+Every ``results.json`` below the given folders counts as one run; the per-round ``round_results.json`` files of
+self-training do not (the run's own ``results.json`` holds its last round).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ssl_kvasir.baselines import PAPER_TABLE3
+from ssl_kvasir.errors import ConfigError, DataError
+from ssl_kvasir.io import atomic_write, atomic_write_text
+
+RESULTS_NAME = "results.json"
+CURVE_METRICS = ("mcc", "macro_f1", "micro_f1")
+METRIC_LABELS = {
+    "mcc": "MCC",
+    "macro_f1": "macro-F1",
+    "micro_f1": "micro-F1",
+    "macro_precision": "macro precision",
+    "macro_recall": "macro recall",
+    "micro_precision": "micro precision",
+    "micro_recall": "micro recall",
+    "balanced_accuracy": "balanced accuracy",
+    "accuracy": "accuracy",
+}
+REFERENCE_ROW = "DenseNet-161"
+REFERENCE_LABEL = "paper: DenseNet-161, 100 % labels"
+FRACTION, PER_CLASS = "label_fraction", "labels_per_class"
+"""The two kinds of label budget, named by their ``results.json`` field."""
+
+RUN_COLUMNS = ["path", "method", "backbone", "budget_kind", "budget", "fold", "seed", "data_seed"]
+
+
+def find_results_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``results.json`` named by ``paths``: a file itself, or any folder above runs (searched recursively).
+
+    Raises:
+        DataError: naming the path, when it does not exist or holds no results file.
+    """
+    found: dict[tuple[int, int], Path] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            below = [path]
+        elif path.is_dir():
+            # The whole name must match, so self-training's round_results.json files are not counted.
+            below = sorted(Path(d) / RESULTS_NAME for d, _, names in os.walk(path) if RESULTS_NAME in names)
+            if not below:
+                raise DataError(f"no {RESULTS_NAME} in {path} or below it")
+        else:
+            raise DataError(f"{path} does not exist")
+        for file in below:
+            # A run folder and its parent name one file once: files are told apart by device and inode (one
+            # stat each, where resolving the path would stat every folder above it).
+            st = file.stat()
+            found.setdefault((st.st_dev, st.st_ino), file)
+    return list(found.values())
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
+    """The fields of one ``results.json`` that a curve needs, checked.
+
+    Returns:
+        ``{"path", "method", "backbone", "budget_kind", "budget", "fold", "seed", "data_seed", <metric>: float}``.
+
+    Raises:
+        DataError: naming the file and the field that is missing or malformed.
+    """
+    try:
+        results = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"cannot read results file {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"results file {path} is not valid JSON: {e}") from None
+    if not isinstance(results, dict):
+        raise DataError(f"results file {path}: expected a JSON object, got {type(results).__name__}")
+
+    def bad(what: str) -> DataError:
+        return DataError(f"results file {path}: {what}")
+
+    for key in ("method", "backbone", "fold", "seed", "metrics"):
+        if key not in results:
+            raise bad(f"missing field {key!r}")
+    for key in ("method", "backbone"):
+        if not isinstance(results[key], str) or not results[key].strip():
+            raise bad(f"{key!r} must be a non-empty string, got {results[key]!r}")
+    fold, seed, data_seed = results["fold"], results["seed"], results.get("data_seed")
+    if not _integer(fold) or fold < 0:
+        raise bad(f"'fold' must be a non-negative integer, got {fold!r}")
+    if not _integer(seed):
+        raise bad(f"'seed' must be an integer, got {seed!r}")
+    if data_seed is not None and not _integer(data_seed):
+        raise bad(f"'data_seed' must be an integer or null, got {data_seed!r}")
+    fraction, per_class = results.get(FRACTION), results.get(PER_CLASS)
+    if (fraction is None) == (per_class is None):
+        raise bad(
+            f"exactly one of {FRACTION!r} and {PER_CLASS!r} must be set, got {fraction!r} and {per_class!r}"
+        )
+    if fraction is not None and not (_finite_number(fraction) and 0 < fraction <= 1):
+        raise bad(f"{FRACTION!r} must be a number in (0, 1], got {fraction!r}")
+    if per_class is not None and not (_integer(per_class) and per_class > 0):
+        raise bad(f"{PER_CLASS!r} must be a positive integer, got {per_class!r}")
+    scores = results["metrics"]
+    if not isinstance(scores, dict):
+        raise bad(f"'metrics' must be an object, got {type(scores).__name__}")
+    row = {
+        "path": str(path),
+        "method": results["method"].strip(),
+        "backbone": results["backbone"].strip(),
+        "budget_kind": FRACTION if fraction is not None else PER_CLASS,
+        "budget": float(fraction if fraction is not None else per_class),
+        "fold": fold,
+        "seed": seed,
+        "data_seed": data_seed,
+    }
+    for key in metrics:
+        if key not in scores:
+            raise bad(f"'metrics' lacks {key!r}")
+        if not _finite_number(scores[key]):
+            raise bad(f"metrics.{key} must be a finite number, got {scores[key]!r}")
+        row[key] = float(scores[key])
+    return row
+
+
+def load_runs(paths: Iterable[str | Path], metrics: Sequence[str] = CURVE_METRICS) -> pd.DataFrame:
+    """One row per run found below ``paths`` (see :func:`read_run` for the columns).
+
+    Raises:
+        DataError: for a malformed file (named), or two files that are the same run (same method, backbone,
+            budget, fold, seed and data seed), which would count it twice.
+    """
+    if not metrics:
+        raise ConfigError("name at least one metric")
+    rows = [read_run(path, metrics) for path in find_results_files(paths)]
+    runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *metrics])
+    identity = ["method", "backbone", "budget_kind", "budget", "fold", "seed", "data_seed"]
+    twice = runs[runs.duplicated(identity, keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        same = twice[(twice[identity].astype(str) == first[identity].astype(str)).all(axis=1)]
+        raise DataError(
+            f"{same.path.iloc[0]} and {same.path.iloc[1]} are the same run ({first.method}, {first.backbone}, "
+            f"{first.budget_kind}={first.budget:g}, fold {first.fold}, seed {first.seed}); pass only one of them"
+        )
+    return runs
+
+
+def summarize(runs: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS) -> pd.DataFrame:
+    """Mean, sample standard deviation (NaN for a single run) and count per method, backbone and budget.
+
+    Returns:
+        one row per curve point, sorted by method, backbone, budget kind and budget, with the columns
+        ``method, backbone, label_fraction, labels_per_class, n, folds, seeds, <metric>_mean, <metric>_std``.
+    """
+    keys = ["method", "backbone", "budget_kind", "budget"]
+    grouped = runs.groupby(keys, sort=True)
+    stats = grouped[list(metrics)].agg(["mean", "std"])
+    stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
+    out = pd.DataFrame(
+        {
+            "n": grouped.size(),
+            "folds": grouped["fold"].agg(lambda s: " ".join(map(str, sorted(set(s))))),
+            "seeds": grouped["seed"].agg(lambda s: " ".join(map(str, sorted(set(s))))),
+        }
+    ).join(stats)
+    out = out.reset_index()
+    is_fraction = out.budget_kind == FRACTION
+    out.insert(2, FRACTION, out.budget.where(is_fraction))
+    out.insert(3, PER_CLASS, out.budget.where(~is_fraction).astype("Int64"))
+    return out.drop(columns=["budget_kind", "budget"])
+
+
+def budget_kind_of(summary: pd.DataFrame) -> pd.Series:
+    """Each summary row's kind of budget: :data:`FRACTION` or :data:`PER_CLASS`."""
+    return pd.Series(np.where(summary[FRACTION].notna(), FRACTION, PER_CLASS), index=summary.index)
+
+
+def budget_of(summary: pd.DataFrame) -> pd.Series:
+    """Each summary row's budget as a float: the label fraction, or the number of labels per class."""
+    return summary[FRACTION].fillna(summary[PER_CLASS].astype(float))
+
+
+def format_budget(kind: str, budget: float) -> str:
+    """``10 %`` or ``25/class``."""
+    return f"{100 * budget:g} %" if kind == FRACTION else f"{int(budget)}/class"
+
+
+def reference_figures(metrics: Sequence[str]) -> dict[str, float]:
+    """The paper's DenseNet-161 figures (100 % labels) for those of ``metrics`` it reports."""
+    row = PAPER_TABLE3[REFERENCE_ROW] or {}
+    return {m: float(row[m]) for m in metrics if row.get(m) is not None}
+
+
+def render_markdown(
+    summary: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS, n_runs: int | None = None
+) -> str:
+    """One table per metric (and budget kind): a row per method and backbone, a column per budget, cells
+    ``mean ± std (n)``."""
+    reference = reference_figures(metrics)
+    lines = ["# Label efficiency", ""]
+    intro = "Mean ± sample standard deviation over folds and seeds (number of runs) on the evaluation folds"
+    if n_runs is not None:
+        intro = f"{n_runs} runs. " + intro
+    lines.append(intro + ".")
+    if reference:
+        figures = ", ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in reference.items())
+        lines.append(
+            f"Reference, the paper's supervised DenseNet-161 with 100 % of the labels (Table 3): {figures}."
+        )
+    kinds = budget_kind_of(summary)
+    budgets = budget_of(summary)
+    for metric in metrics:
+        for kind in (FRACTION, PER_CLASS):
+            part = summary[kinds == kind]
+            if part.empty:
+                continue
+            columns = sorted(set(budgets[kinds == kind]))
+            title = METRIC_LABELS.get(metric, metric)
+            by = "label fraction" if kind == FRACTION else "labeled images per class"
+            lines += ["", f"## {title} by {by}", ""]
+            lines.append(
+                "| method | backbone | " + " | ".join(format_budget(kind, b) for b in columns) + " |"
+            )
+            lines.append("|---|---|" + "---:|" * len(columns))
+            for (method, backbone), curve in part.groupby(["method", "backbone"], sort=True):
+                cells = {
+                    b: _cell(r[f"{metric}_mean"], r[f"{metric}_std"], r["n"])
+                    for b, (_, r) in zip(budgets[curve.index], curve.iterrows(), strict=True)
+                }
+                row = " | ".join(cells.get(b, "–") for b in columns)
+                lines.append(f"| {method} | {backbone} | {row} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    return f"{mean:.3f} ({n})" if pd.isna(std) else f"{mean:.3f} ± {std:.3f} ({n})"
+
+
+def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path) -> Path:
+    """``metric`` against label budget on a log axis: a panel per metric (a row per budget kind), a line per
+    method and backbone with error bars and a ± std band, the paper's reference as a dashed line. Written
+    atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    kinds = budget_kind_of(summary)
+    budgets = budget_of(summary)
+    rows = [k for k in (FRACTION, PER_CLASS) if (kinds == k).any()]
+    reference = reference_figures(metrics)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), len(metrics), squeeze=False)
+    curves = list(summary.groupby(["method", "backbone"], sort=True).groups)
+    colors = {curve: f"C{i % 10}" for i, curve in enumerate(curves)}
+    for r, kind in enumerate(rows):
+        part = summary[kinds == kind]
+        ticks = sorted(set(budgets[kinds == kind]))
+        for c, metric in enumerate(metrics):
+            ax = axes[r, c]
+            for (method, backbone), curve in part.groupby(["method", "backbone"], sort=True):
+                x = budgets[curve.index].to_numpy()  # (P,) sorted budgets
+                mean = curve[f"{metric}_mean"].to_numpy()  # (P,)
+                std = curve[f"{metric}_std"].to_numpy()  # (P,) NaN where one run
+                color = colors[(method, backbone)]
+                label = f"{method} ({backbone})"
+                ax.errorbar(
+                    x, mean, yerr=np.nan_to_num(std), color=color, marker="o", ms=4, capsize=3, label=label
+                )
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            if metric in reference:
+                ax.axhline(reference[metric], color="0.3", linestyle="--", linewidth=1, label=REFERENCE_LABEL)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([format_budget(kind, t) for t in ticks], rotation=45 if len(ticks) > 5 else 0)
+            ax.set_xlabel("label fraction" if kind == FRACTION else "labeled images per class")
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.set_title(METRIC_LABELS.get(metric, metric))
+            ax.grid(True, alpha=0.3)
+        axes[r, 0].legend(fontsize="small", loc="best")
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    return path
+
+
+def active_wandb_run():
+    """The W&B run of this process, or ``None`` (without importing wandb when nothing has)."""
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run
+
+
+def wandb_project(runs: pd.DataFrame, override: str | None = None) -> tuple[str, str | None]:
+    """The W&B project (and entity) of the sweep: ``override``, else the one the runs logged to, else the
+    default of ``configs/logger/wandb.yaml``.
+
+    Raises:
+        ConfigError: when the runs logged to several projects and no ``override`` was given.
+    """
+    if override:
+        return override, None
+    seen = set()
+    for path in runs.path:
+        logger = (json.loads(Path(path).read_bytes()).get("config") or {}).get("logger") or {}
+        if logger.get("kind") == "wandb" and logger.get("project"):
+            seen.add((logger["project"], logger.get("entity")))
+    if len(seen) > 1:
+        listed = ", ".join(sorted(p for p, _ in seen))
+        raise ConfigError(
+            f"the runs logged to several W&B projects ({listed}); choose one with --wandb-project"
+        )
+    if seen:
+        return seen.pop()
+    from ssl_kvasir.config import compose
+
+    logger = compose("fit", ["logger=wandb"]).logger
+    return logger.project, logger.entity
+
+
+def open_wandb_run(project: str, entity: str | None, out: Path):
+    """A W&B run for the curves, online or offline as :func:`ssl_kvasir.tracking.wandb_mode` decides."""
+    from ssl_kvasir.analysis._optional import import_optional
+    from ssl_kvasir.tracking import wandb_mode
+
+    wandb = import_optional("wandb", "pip install wandb")
+    out.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=project,
+        entity=entity,
+        job_type="label_efficiency",
+        name="label-efficiency",
+        dir=str(out),
+        mode=wandb_mode(),
+    )
+
+
+def log_to_wandb(run, summary: pd.DataFrame, png: Path) -> None:
+    """The summary as a ``wandb.Table`` and the figure as an image, in ``run``."""
+    import wandb
+
+    run.log(
+        {
+            "label_efficiency/table": wandb.Table(
+                dataframe=summary.astype(object).where(summary.notna(), None)
+            ),
+            "label_efficiency/curves": wandb.Image(str(png)),
+        }
+    )
+
+
+@dataclass
+class CurvesReport:
+    """What :func:`write_curves` made.
+
+    Attributes:
+        runs: one row per run read.
+        summary: one row per curve point (see :func:`summarize`).
+        markdown: the text of ``label_efficiency.md``.
+        files: ``csv``, ``md`` and ``png`` paths.
+        wandb_logged: whether the table and plot went to a W&B run.
+    """
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    markdown: str
+    files: dict[str, Path]
+    wandb_logged: bool
+
+
+def write_curves(
+    paths: Iterable[str | Path], out: str | Path, metrics: Sequence[str] = CURVE_METRICS, wandb_run=None
+) -> CurvesReport:
+    """Read the runs below ``paths``; write ``label_efficiency.csv``, ``.md`` and ``.png`` into ``out``.
+
+    Args:
+        paths: sweep folders, run folders or results files.
+        out: the output folder (created).
+        metrics: the metrics to summarize and plot.
+        wandb_run: a W&B run to log the table and plot to; by default the process's active run, if any.
+
+    Raises:
+        DataError: naming a malformed results file, or a path without any.
+    """
+    out = Path(out)
+    runs = load_runs(paths, metrics)
+    summary = summarize(runs, metrics)
+    markdown = render_markdown(summary, metrics, n_runs=len(runs))
+    files = {
+        "csv": out / "label_efficiency.csv",
+        "md": out / "label_efficiency.md",
+        "png": out / "label_efficiency.png",
+    }
+    buffer = io.StringIO()
+    summary.to_csv(buffer, index=False, float_format="%.6g")
+    atomic_write_text(files["csv"], buffer.getvalue())
+    atomic_write_text(files["md"], markdown)
+    plot_curves(summary, metrics, files["png"])
+    run = wandb_run if wandb_run is not None else active_wandb_run()
+    if run is not None:
+        log_to_wandb(run, summary, files["png"])
+    return CurvesReport(runs, summary, markdown, files, wandb_logged=run is not None)

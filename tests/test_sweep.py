@@ -1,0 +1,252 @@
+"""The label-efficiency sweep: Hydra's real multirun machinery with submitit's local executor standing in for
+SLURM, the skip of finished runs, the SLURM launcher's sbatch script from the make variables, run folder names,
+and a 2-process DDP fit on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import InterpolationResolutionError
+
+from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.sweeps import match_launcher
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = [
+    "method=supervised",
+    "backbone=test_resnet",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.steps_per_epoch=2",
+    "trainer.max_steps=4",
+    "trainer.accelerator=cpu",
+    "trainer.progress_bar=false",
+    "logger=csv",
+]
+FRACTIONS = (0.5, 1.0)
+# One torch thread per process: tiny convolutions gain nothing from more, and on shared cores they spin.
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def sweep_command(archive: Path, root: Path) -> list[str]:
+    return [
+        sys.executable,
+        "experiments/sweep.py",
+        "hydra/launcher=submitit_local",
+        f"data.root={archive}",
+        f"data.split_file={archive / '2_fold_split.csv'}",
+        f"sweep_root={root}",
+        "data.label_fraction=" + ",".join(map(str, FRACTIONS)),
+        "data.fold=1",
+        *TINY,
+    ]
+
+
+def run_dir(root: Path, fraction: float) -> Path:
+    return root / "supervised" / "test_resnet" / f"frac{fraction:g}" / "fold1" / "seed0"
+
+
+@pytest.fixture(scope="module")
+def sweep_root(synth_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two points (label fraction 0.5 and 1.0, fold 1) launched as submitit jobs in their own processes."""
+    root = tmp_path_factory.mktemp("sweep") / "runs"
+    done = subprocess.run(
+        sweep_command(synth_archive, root), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_two_point_sweep_writes_one_run_per_point(sweep_root: Path) -> None:
+    found = sorted(sweep_root.rglob("results.json"))
+    assert found == sorted(run_dir(sweep_root, f) / "results.json" for f in FRACTIONS)
+    for fraction in FRACTIONS:
+        results = json.loads((run_dir(sweep_root, fraction) / "results.json").read_text())
+        assert results["fold"] == 1 and results["label_fraction"] == fraction and results["seed"] == 0
+        assert results["method"] == "supervised" and results["backbone"] == "test_resnet"
+        # The folder's budget is spelled as the W&B group spells it, so runs and groups line up.
+        assert results["group"] == f"supervised-test_resnet-frac{fraction:g}"
+        assert results["config"]["output_dir"] == str(run_dir(sweep_root, fraction))
+        # Hydra's record of the job lands in the run's folder.
+        assert (run_dir(sweep_root, fraction) / ".hydra" / "overrides.yaml").exists()
+    # Each point ran as a submitit job of its own (as it would on SLURM).
+    assert len(list((sweep_root / ".submitit").glob("*/*_result.pkl"))) == 2
+    assert (
+        json.loads((run_dir(sweep_root, 0.5) / "results.json").read_text())["n_labeled"]
+        < json.loads((run_dir(sweep_root, 1.0) / "results.json").read_text())["n_labeled"]
+    )
+
+
+@pytest.mark.slow
+def test_second_launch_skips_finished_runs(sweep_root: Path, synth_archive: Path) -> None:
+    watched = [
+        run_dir(sweep_root, f) / name for f in FRACTIONS for name in ("results.json", "checkpoints/last.ckpt")
+    ]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    done = subprocess.run(
+        sweep_command(synth_archive, sweep_root),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing retrained or rewritten
+    for fraction in FRACTIONS:
+        log = (run_dir(sweep_root, fraction) / "sweep.log").read_text()
+        assert f"skipping {run_dir(sweep_root, fraction)}: results.json exists" in log
+        assert log.count("fitting ") == 1  # the first launch only
+
+
+@pytest.mark.slow
+def test_ddp_fit_on_cpu_writes_the_same_fields(sweep_root: Path, synth_archive: Path, tmp_path: Path) -> None:
+    """Two processes (gloo) write one results.json with the fields of a single-process run of the sweep."""
+    out = tmp_path / "ddp"
+    cmd = [
+        str(BIN / "ssl-kvasir"),
+        "fit",
+        f"data.root={synth_archive}",
+        f"data.split_file={synth_archive / '2_fold_split.csv'}",
+        f"output_dir={out}",
+        "data.label_fraction=1.0",
+        "data.fold=1",
+        *TINY,
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "distributed_backend=gloo" in done.stdout + done.stderr
+    ddp = json.loads((out / "results.json").read_text())
+    single = json.loads((run_dir(sweep_root, 1.0) / "results.json").read_text())
+    assert set(ddp) == set(single)
+    assert set(ddp["metrics"]) == set(single["metrics"]) and set(ddp["val_metrics"] or {}) == set(
+        single["val_metrics"] or {}
+    )
+    for key in ("method", "backbone", "fold", "label_fraction", "n_labeled", "n_test", "classes", "steps"):
+        assert ddp[key] == single[key], key
+    assert [c["class"] for c in ddp["per_class"]] == [c["class"] for c in single["per_class"]]
+    # Every test image counted once: neither split between the ranks nor counted by both.
+    assert (
+        sum(map(sum, ddp["confusion_matrix"])) == ddp["n_test"] == sum(map(sum, single["confusion_matrix"]))
+    )
+
+
+def compose_sweep(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("sweep", overrides=["data.root=/data", *overrides], return_hydra_config=True)
+
+
+def test_run_folder_names_follow_the_budget_and_backbone() -> None:
+    cfg = compose_sweep(
+        ["sweep_root=/r", "method=fixmatch", "data.label_fraction=0.05", "data.fold=1", "seed=2"]
+    )
+    assert cfg.output_dir == "/r/fixmatch/resnet18/frac0.05/fold1/seed2"
+    cfg = compose_sweep(
+        ["data.label_fraction=null", "data.labels_per_class=25", "backbone=resnet152_densenet161_mlp"]
+    )
+    assert cfg.output_dir == "runs/supervised/resnet152+densenet161+mlp/lpc25/fold0/seed0"
+    cfg = compose_sweep(["data.label_fraction=null"])
+    # OmegaConf wraps the resolver's ConfigError; its message names both keys.
+    with pytest.raises(InterpolationResolutionError, match="data.label_fraction or data.labels_per_class"):
+        _ = cfg.output_dir
+    # The default grid: 3 methods x 6 fractions x 2 folds x 1 seed.
+    params = cfg.hydra.sweeper.params
+    assert [
+        len(str(params[k]).split(",")) for k in ("method", "data.label_fraction", "data.fold", "seed")
+    ] == [3, 6, 2, 1]
+
+
+def test_slurm_launcher_sets_the_trainer_to_its_tasks() -> None:
+    cfg = compose_sweep(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2"])
+    assert cfg.hydra.launcher.tasks_per_node == 4  # one process per GPU by default
+    match_launcher(cfg, cfg.hydra.launcher)
+    assert cfg.trainer.devices == 4 and cfg.trainer.num_nodes == 2
+    cfg = compose_sweep(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match="disagree with the SLURM launcher"):
+        match_launcher(cfg, cfg.hydra.launcher)
+    cfg = compose_sweep(["trainer.devices=2"])  # the local launcher leaves the trainer alone
+    match_launcher(cfg, cfg.hydra.launcher)
+    assert cfg.trainer.devices == 2
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_pretrain_slurm_writes_the_sbatch_script(synth_archive: Path, tmp_path: Path) -> None:
+    """`make pretrain LAUNCHER=slurm ...` through the real submitit launcher, with an `sbatch` that keeps the
+    script it is given and refuses the job (there is no cluster here)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(
+        f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "sbatch: no cluster here" >&2\nexit 1\n'
+    )
+    # submitit looks for srun before it submits; the job never starts, so srun is never called.
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (fake / tool).chmod(0o755)
+    cmd = [
+        "make",
+        "-s",
+        f"BIN={BIN}",
+        "-o",
+        f"{BIN}/ssl-kvasir",  # never reinstall from a test
+        "pretrain",
+        f"DATA={synth_archive}",
+        f"OUT={tmp_path / 'runs'}",
+        "LAUNCHER=slurm",
+        "PARTITION=gpu",
+        "ACCOUNT=proj",
+        "GPUS=4",
+        "NODES=2",
+        "TIME=90",
+        "MEM=128",
+        "CPUS=6",
+        "ARGS=method=fixmatch data.label_fraction=0.1,1.0 data.fold=0",
+    ]
+    env = {**ENV, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "no cluster here" in done.stdout + done.stderr
+    script = (tmp_path / "job.sh").read_text()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --nodes=2",
+        "#SBATCH --time=90",
+        "#SBATCH --mem=128GB",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --array=0-1%2",  # the two points as one array
+        "#SBATCH --signal=USR2@120",  # submitit requeues the job on this signal before a time-out
+    ):
+        assert line in script.splitlines(), f"{line!r} not in\n{script}"
+    assert "srun" in script and "submitit" in script
+
+
+@pytest.mark.slow
+def test_local_launcher_gives_each_run_its_own_wandb_run(synth_archive: Path, tmp_path: Path) -> None:
+    """LAUNCHER=local runs the points one after another in one process: each must close its W&B run, or the
+    next run's logger would log into it."""
+    root = tmp_path / "runs"
+    cmd = [*sweep_command(synth_archive, root), "hydra/launcher=local", "logger=wandb", "trainer.max_steps=2"]
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "already in progress" not in done.stdout + done.stderr
+    assert "Launching 2 jobs locally" in done.stdout + done.stderr  # Hydra's basic launcher, one process
+    assert not (root / ".submitit").exists()
+    for fraction in FRACTIONS:
+        offline = list((run_dir(root, fraction) / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+        results = json.loads((run_dir(root, fraction) / "results.json").read_text())
+        assert results["config"]["logger"]["kind"] == "wandb"
