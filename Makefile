@@ -6,7 +6,7 @@ EXTRAS ?= dev
 DATA ?=
 LAUNCHER ?= local
 
-.PHONY: install test lint format bench demo pretrain curves table3 clean
+.PHONY: install test lint format bench demo pretrain curves table3
 
 $(BIN)/ssl-kvasir: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,10 @@ format: install
 	$(BIN)/ruff format ssl_kvasir experiments bench tests
 	$(BIN)/ruff check --fix ssl_kvasir experiments bench tests
 
+# make bench runs every benchmark in its quick form; make bench BENCH_ARGS= runs the full ones (about 20 min).
+BENCH_ARGS ?= --quick
 bench: install
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
 
 # ---- The label-efficiency study (README: "Label-efficiency study") ----------------------------------------
 # make pretrain DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm]
@@ -61,3 +63,14 @@ curves: install
 
 demo: install
 	$(BIN)/python experiments/demo.py
+
+# ---- The paper's Table 3 (README: "The paper's protocol and baselines") -----------------------------------
+# make table3 DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm] [... as for pretrain]
+# The five systems x the two folds through the same sweep machinery, then the side-by-side report.
+TABLE3 = table3_resnet50,table3_resnet152,table3_densenet161,table3_resnet152_densenet161,table3_resnet152_densenet161_mlp
+table3: install
+	@test -n "$(DATA)" || { echo "usage: make table3 DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm] [ARGS=\"overrides\"]"; exit 2; }
+	$(BIN)/python experiments/sweep.py hydra/launcher=$(LAUNCHER) data.root=$(DATA) data.split_file=$(SPLIT) \
+		sweep_root=$(OUT)/table3 experiment=$(TABLE3) method=supervised data.label_fraction=1.0 data.fold=0,1 \
+		$(if $(CACHE),data.cache=$(CACHE)) $(if $(filter slurm,$(LAUNCHER)),$(SLURM_OVERRIDES)) $(ARGS)
+	$(BIN)/ssl-kvasir report $(OUT)/table3 --out $(OUT)/table3/report --split-file $(SPLIT)

@@ -130,7 +130,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mu", type=int, default=7)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--quick", action="store_true", help="20 steps instead of --steps")
     a = p.parse_args()
+    if a.quick:
+        a.steps = 20
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; skipped (run it on a GPU machine)")
         return

@@ -5,6 +5,7 @@ This is the one layer that reads config objects; below it every constructor take
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -123,6 +124,7 @@ def build_datamodule(
         unlabeled_rest=d.unlabeled_rest,
         use_archive_unlabeled=d.use_archive_unlabeled,
         pseudo_labeled=pseudo_labeled,
+        pseudo_views=method_cls.pseudo_views,
         steps_per_epoch=steps_per_epoch,
         num_workers=d.num_workers,
         cache=exp.cache,
@@ -218,6 +220,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
+@contextlib.contextmanager
+def one_tracking_run(logger):
+    """One W&B run per Lightning fit, closed when the fit ends (a failed one marked so): the next fit in the
+    same process (a local sweep's next point, self-training's next round) must not log into this run."""
+    try:
+        yield
+    except BaseException:
+        _finish_wandb(logger, exit_code=1)
+        raise
+    _finish_wandb(logger, exit_code=0)
+
+
+def _finish_wandb(logger, exit_code: int) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
 def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -307,15 +331,17 @@ def fit_once(
     dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
-    trainer = build_trainer(cfg, out, total, per_epoch, has_val, build_logger(cfg, out))
+    logger = build_logger(cfg, out)
+    trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
-    best = trainer.checkpoint_callback.best_model_path or str(last)
-    val = None
-    if has_val:
-        trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)
-        val = module.last_eval["val"]
-    trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+    with one_tracking_run(logger):
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        best = trainer.checkpoint_callback.best_model_path or str(last)
+        val = None
+        if has_val:
+            trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)
+            val = module.last_eval["val"]
+        trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
     test = module.last_eval["test"]
     results = make_results(cfg, exp, module, test, val, best, total)
     results.update(extra or {})

@@ -8,7 +8,6 @@ local executor) imports it, and with it the resolvers, before its config is comp
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,17 +86,7 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
     from ssl_kvasir.runner import fit
 
     log.info("fitting %s", out)
-    try:
-        results = fit(cfg)
-    except BaseException:
-        _finish_wandb(exit_code=1)
-        raise
-    # Runs of a local sweep share this process: the next WandbLogger would otherwise log into this run.
-    _finish_wandb(exit_code=0)
+    # Each fit closes its own W&B run (runner.one_tracking_run), so the points of a local sweep, which share
+    # this process, log into runs of their own.
+    results = fit(cfg)
     return {"output_dir": str(out), "skipped": False, "metrics": results["metrics"]}
-
-
-def _finish_wandb(exit_code: int) -> None:
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)

@@ -24,8 +24,8 @@ def _batch(cls) -> dict:
     if cls.unlabeled_views:
         batch["ulb"] = _views(8, cls.unlabeled_views)
         batch["ulb"]["label"][:4] = -1  # truly unlabeled images next to moved labeled ones
-    if cls.name == "self_training":
-        batch["pl"] = _views(4, cls.labeled_views)
+    if cls.pseudo_views:
+        batch["pl"] = _views(4, cls.pseudo_views)
         batch["pl"]["target"] = torch.softmax(torch.randn(4, C), 1)
     return batch
 

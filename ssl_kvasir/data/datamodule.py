@@ -163,7 +163,8 @@ class KvasirDataModule(L.LightningDataModule):
             (their labels are kept only to measure pseudo-label accuracy).
         use_archive_unlabeled: whether the archive's unlabeled images join the unlabeled pool.
         pseudo_labeled: an optional pseudo-labeled stream (``pl``): catalog rows and (N, C) target
-            probabilities, served with ``labeled_views``.
+            probabilities.
+        pseudo_views: views of the pseudo-labeled stream.
         steps_per_epoch: steps between validations and checkpoints.
         num_workers: DataLoader worker processes.
         cache: an ``ImageCache`` or None to decode the JPEGs.
@@ -185,6 +186,7 @@ class KvasirDataModule(L.LightningDataModule):
         unlabeled_rest: bool = True,
         use_archive_unlabeled: bool = True,
         pseudo_labeled: tuple[np.ndarray, np.ndarray] | None = None,
+        pseudo_views: tuple[str, ...] = ("strong",),
         pseudo_batch_size: int | None = None,
         steps_per_epoch: int = 500,
         eval_batch_size: int | None = None,
@@ -219,7 +221,7 @@ class KvasirDataModule(L.LightningDataModule):
         if pseudo_labeled is not None and len(pseudo_labeled[0]):
             rows, targets = pseudo_labeled
             self.streams["pl"] = Stream(
-                rows, labels[rows], tuple(labeled_views), pseudo_batch_size or batch_size, targets
+                rows, labels[rows], tuple(pseudo_views), pseudo_batch_size or batch_size, targets
             )
 
     def state_dict(self) -> dict:

@@ -59,6 +59,7 @@ class BaseMethod(L.LightningModule):
     name: str = "base"
     labeled_views: tuple[str, ...] = ("weak",)
     unlabeled_views: tuple[str, ...] = ()
+    pseudo_views: tuple[str, ...] = ()
 
     def __init__(
         self,
