@@ -117,12 +117,7 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     assert (pool[ulb["pos"].numpy()] == ulb["index"].numpy()).all()  # positions index the pool
     images = catalog.images
     assert all(images.path[i] == p for i, p in zip(ulb["index"].tolist(), ulb["path"], strict=True))
-    assert pl["target"].shape == (4, 23) and pl["weak"].shape == (
-        4,
-        3,
-        32,
-        32,
-    )  # served with the labeled views
+    assert pl["target"].shape == (4, 23) and pl["strong"].shape == (4, 3, 32, 32) and "weak" not in pl
     assert set(pl["index"].tolist()) <= set(rows.tolist())
     test = next(iter(dm.test_dataloader()))
     assert set(test) >= {"index", "pos", "path", "label", "eval"}
