@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,8 +25,8 @@ import pandas as pd
 from ssl_kvasir.baselines import PAPER_TABLE3
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write, atomic_write_text
+from ssl_kvasir.results import find_results_files, is_integer, is_number, read_results, results_error
 
-RESULTS_NAME = "results.json"
 CURVE_METRICS = ("mcc", "macro_f1", "micro_f1")
 METRIC_LABELS = {
     "mcc": "MCC",
@@ -49,39 +47,6 @@ FRACTION, PER_CLASS = "label_fraction", "labels_per_class"
 RUN_COLUMNS = ["path", "method", "backbone", "budget_kind", "budget", "fold", "seed", "data_seed"]
 
 
-def find_results_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every ``results.json`` named by ``paths``: a file itself, or any folder above runs (searched recursively).
-
-    Raises:
-        DataError: naming the path, when it does not exist or holds no results file.
-    """
-    found: dict[tuple[int, int], Path] = {}
-    for path in map(Path, paths):
-        if path.is_file():
-            below = [path]
-        elif path.is_dir():
-            # The whole name must match, so self-training's round_results.json files are not counted.
-            below = sorted(Path(d) / RESULTS_NAME for d, _, names in os.walk(path) if RESULTS_NAME in names)
-            if not below:
-                raise DataError(f"no {RESULTS_NAME} in {path} or below it")
-        else:
-            raise DataError(f"{path} does not exist")
-        for file in below:
-            # A run folder and its parent name one file once: files are told apart by device and inode (one
-            # stat each, where resolving the path would stat every folder above it).
-            st = file.stat()
-            found.setdefault((st.st_dev, st.st_ino), file)
-    return list(found.values())
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
     """The fields of one ``results.json`` that a curve needs, checked.
 
@@ -91,43 +56,26 @@ def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
     Raises:
         DataError: naming the file and the field that is missing or malformed.
     """
-    try:
-        results = json.loads(path.read_bytes())
-    except OSError as e:
-        raise DataError(f"cannot read results file {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"results file {path} is not valid JSON: {e}") from None
-    if not isinstance(results, dict):
-        raise DataError(f"results file {path}: expected a JSON object, got {type(results).__name__}")
+    results = read_results(path, ("method", "backbone", "fold", "seed", "metrics"))
 
     def bad(what: str) -> DataError:
-        return DataError(f"results file {path}: {what}")
+        return results_error(path, what)
 
-    for key in ("method", "backbone", "fold", "seed", "metrics"):
-        if key not in results:
-            raise bad(f"missing field {key!r}")
-    for key in ("method", "backbone"):
-        if not isinstance(results[key], str) or not results[key].strip():
-            raise bad(f"{key!r} must be a non-empty string, got {results[key]!r}")
     fold, seed, data_seed = results["fold"], results["seed"], results.get("data_seed")
-    if not _integer(fold) or fold < 0:
-        raise bad(f"'fold' must be a non-negative integer, got {fold!r}")
-    if not _integer(seed):
+    if not is_integer(seed):
         raise bad(f"'seed' must be an integer, got {seed!r}")
-    if data_seed is not None and not _integer(data_seed):
+    if data_seed is not None and not is_integer(data_seed):
         raise bad(f"'data_seed' must be an integer or null, got {data_seed!r}")
     fraction, per_class = results.get(FRACTION), results.get(PER_CLASS)
     if (fraction is None) == (per_class is None):
         raise bad(
             f"exactly one of {FRACTION!r} and {PER_CLASS!r} must be set, got {fraction!r} and {per_class!r}"
         )
-    if fraction is not None and not (_finite_number(fraction) and 0 < fraction <= 1):
+    if fraction is not None and not (is_number(fraction) and 0 < fraction <= 1):
         raise bad(f"{FRACTION!r} must be a number in (0, 1], got {fraction!r}")
-    if per_class is not None and not (_integer(per_class) and per_class > 0):
+    if per_class is not None and not (is_integer(per_class) and per_class > 0):
         raise bad(f"{PER_CLASS!r} must be a positive integer, got {per_class!r}")
     scores = results["metrics"]
-    if not isinstance(scores, dict):
-        raise bad(f"'metrics' must be an object, got {type(scores).__name__}")
     row = {
         "path": str(path),
         "method": results["method"].strip(),
@@ -141,7 +89,7 @@ def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
     for key in metrics:
         if key not in scores:
             raise bad(f"'metrics' lacks {key!r}")
-        if not _finite_number(scores[key]):
+        if not is_number(scores[key]):
             raise bad(f"metrics.{key} must be a finite number, got {scores[key]!r}")
         row[key] = float(scores[key])
     return row

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +24,7 @@ import numpy as np
 from ssl_kvasir.baselines import PAPER_TABLE3, BaselineResult
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassInfo
 from ssl_kvasir.errors import DataError
-
-RESULTS_NAME = "results.json"
+from ssl_kvasir.results import find_results_files, is_number, read_results, results_error
 
 TABLE_METRICS = (
     "macro_precision",
@@ -105,38 +102,12 @@ class RunResult:
     confusion: np.ndarray
 
 
-def find_results(paths: Iterable[str | Path]) -> list[Path]:
-    """The ``results.json`` files named by ``paths``: a file itself, a run folder, or any folder above runs.
-
-    Raises:
-        DataError: naming the path, when it does not exist or no results file lies below it.
-    """
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            below = sorted(path.rglob(RESULTS_NAME))
-            if not below:
-                raise DataError(f"no {RESULTS_NAME} in {path} or below it")
-            found += below
-        else:
-            raise DataError(f"run folder {path} does not exist")
-    # One file named twice (a run folder and its parent) is read once.
-    unique = {p.resolve(): p for p in found}
-    return list(unique.values())
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _default_system_name(method: str, backbone: str, results: dict) -> str:
     name = f"{method}-{backbone}"
     per_class, fraction = results.get("labels_per_class"), results.get("label_fraction")
-    if _number(per_class):
+    if is_number(per_class):
         name += f"@{per_class:g}/class"
-    elif _number(fraction) and fraction != 1:
+    elif is_number(fraction) and fraction != 1:
         name += f"@{100 * fraction:g}%"
     return name
 
@@ -149,39 +120,22 @@ def load_result(path: str | Path) -> RunResult:
             needs (method, backbone, fold, classes, metrics, confusion_matrix).
     """
     path = Path(path)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"cannot read results file {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"results file {path} is not valid JSON: {e}") from None
-    if not isinstance(results, dict):
-        raise DataError(f"results file {path}: expected a JSON object, got {type(results).__name__}")
+    results = read_results(path, ("method", "backbone", "fold", "classes", "metrics", "confusion_matrix"))
 
     def bad(what: str) -> DataError:
-        return DataError(f"results file {path}: {what}")
+        return results_error(path, what)
 
-    for key in ("method", "backbone", "fold", "classes", "metrics", "confusion_matrix"):
-        if key not in results:
-            raise bad(f"missing field {key!r}")
     method, backbone, fold = results["method"], results["backbone"], results["fold"]
-    for key, value in (("method", method), ("backbone", backbone)):
-        if not isinstance(value, str) or not value.strip():
-            raise bad(f"{key!r} must be a non-empty string, got {value!r}")
-    if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
-        raise bad(f"'fold' must be a non-negative integer, got {fold!r}")
     classes = results["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise bad("'classes' must be a non-empty list of class names")
     if len(set(classes)) != len(classes):
         raise bad("'classes' names a class twice")
     metrics = results["metrics"]
-    if not isinstance(metrics, dict):
-        raise bad(f"'metrics' must be an object, got {type(metrics).__name__}")
     for key in TABLE_METRICS:
         if key not in metrics:
             raise bad(f"'metrics' lacks {key!r}")
-        if not _number(metrics[key]) or not -1 <= metrics[key] <= 1:
+        if not is_number(metrics[key]) or not -1 <= metrics[key] <= 1:
             raise bad(f"metrics.{key} must be a number in [-1, 1], got {metrics[key]!r}")
     cm = results["confusion_matrix"]
     n = len(classes)
@@ -505,7 +459,7 @@ def write_report(
     from ssl_kvasir.metrics import plot_confusion_matrix
 
     out_dir = Path(out_dir)
-    runs = [load_result(p) for p in find_results(run_paths)]
+    runs = [load_result(p) for p in find_results_files(run_paths)]
     if not runs:
         raise DataError("no run folders given: name at least one results.json or a folder above one")
     baselines, split_folds = [], None

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.results import RESULTS_NAME
 from ssl_kvasir.tracking import label_budget
 
 log = logging.getLogger("ssl_kvasir.sweep")
-
-RESULTS_NAME = "results.json"
 
 
 def budget_id(label_fraction: float | None, labels_per_class: int | None) -> str:

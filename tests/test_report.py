@@ -16,12 +16,12 @@ from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.report import (
     TABLE_METRICS,
-    find_results,
     load_result,
     paper_row_for_backbone,
     summarize_systems,
     write_report,
 )
+from ssl_kvasir.results import find_results_files
 
 SPLIT_FILE = Path(__file__).resolve().parents[2] / "shared/hyperkvasir/2_fold_split.csv"
 NAMES = HYPERKVASIR_CLASSES.names
@@ -123,7 +123,7 @@ def test_report_averages_folds_and_compares_with_paper(runs: Path, tmp_path: Pat
 
 
 def test_confusion_is_summed_in_paper_order(runs: Path) -> None:
-    systems = {s.name: s for s in summarize_systems([load_result(p) for p in find_results([runs])])}
+    systems = {s.name: s for s in summarize_systems([load_result(p) for p in find_results_files([runs])])}
     ens = systems["ensemble-avg"]
     # The files list classes in reverse order; the summary is back in the paper's order A..W.
     assert ens.classes == NAMES
