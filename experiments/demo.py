@@ -2,7 +2,8 @@
 
 Phases, each timed: ``data`` (``ssl-kvasir synth``), ``prepare`` (``ssl-kvasir prepare``, the image cache),
 ``training`` (a 2 x 2 sweep through ``experiments/sweep.py``: supervised and FixMatch at 10 % and 100 % of the
-labels, fold 0), ``analysis`` (``experiments/demo_analysis.py``: Table 3 and the best run) and ``curves``
+labels, fold 0), ``report`` (``experiments/demo_analysis.py``: Table 3 and the best run by validation MCC),
+``analysis`` (``ssl-kvasir analyze`` and ``export-pseudo-labels`` of that run) and ``curves``
 (``ssl-kvasir curves``). Each phase runs the command a user would type, printed before it runs. A second
 ``make demo`` reuses what the first made (the sweep skips finished runs); delete ``demo/`` to start over.
 
@@ -12,6 +13,7 @@ labels, fold 0), ``analysis`` (``experiments/demo_analysis.py``: Table 3 and the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -107,17 +109,53 @@ def main(argv: list[str] | None = None) -> int:
             *TRAINING,
         ],
     )
+    analysis = out / "analysis"
     phase(
-        "analysis",
+        "report",
         [
             sys.executable,
             "experiments/demo_analysis.py",
             "--runs",
             str(runs),
             "--out",
-            str(out / "analysis"),
+            str(analysis),
             "--split-file",
             str(split),
+        ],
+    )
+    best = json.loads((analysis / "best_run.json").read_text())
+    data = [
+        f"data.root={archive}",
+        f"data.split_file={split}",
+        f"data.cache={cache}",
+        f"data.fold={best['fold']}",
+    ]
+    unlabeled = analysis / "unlabeled"
+    phase(
+        "analysis",
+        # Embeddings, kNN, UMAP + HDBSCAN, the composition table and every pseudo-label of the best run ...
+        [
+            CLI,
+            "analyze",
+            f"checkpoint={best['checkpoint']}",
+            *data,
+            f"output_dir={unlabeled}",
+            "data.num_workers=0",
+            "umap.n_neighbors=10",
+            "cluster.min_cluster_size=10",
+        ],
+        # ... and, from the same embeddings, the confident ones in the authors' format for clinicians to review.
+        [
+            CLI,
+            "export-pseudo-labels",
+            f"checkpoint={best['checkpoint']}",
+            *data,
+            f"output_dir={unlabeled}",
+            "data.num_workers=0",
+            "format=authors",
+            "select.min_confidence=0.5",
+            "cluster.enabled=false",
+            f"output={analysis / 'pseudo_labels_authors.csv'}",
         ],
     )
     phase("curves", [CLI, "curves", str(runs), "--out", str(out / "curves")])
@@ -126,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "curves" / "label_efficiency.md").read_text())
     print("plots:")
     print(f"  {out / 'curves' / 'label_efficiency.png'}")
-    for png in sorted((out / "analysis" / "table3").glob("*.png")):
+    for png in [*sorted((analysis / "table3").glob("*.png")), *sorted(unlabeled.rglob("*.png"))]:
         print(f"  {png}")
     print("tables:")
     print(f"  {out / 'curves' / 'label_efficiency.csv'}")
     print(f"  {out / 'curves' / 'label_efficiency.md'}")
     print(f"  {out / 'analysis' / 'table3' / 'table3.csv'}")
     print(f"  {out / 'analysis' / 'best_run.json'}")
+    for csv in sorted(unlabeled.rglob("*.csv")):
+        print(f"  {csv}")
+    print("pseudo-labels:")
+    print(f"  {unlabeled / 'pseudo_labels.csv'} (every unlabeled image)")
+    print(f"  {analysis / 'pseudo_labels_authors.csv'} (confidence >= 0.5, the authors' format)")
     print("runs:")
     for results in sorted(runs.rglob("results.json")):
         print(f"  {results}")

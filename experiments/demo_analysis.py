@@ -4,39 +4,46 @@ the unlabeled images.
     python experiments/demo_analysis.py --runs demo/runs --out demo/analysis [--split-file FILE]
 
 Writes ``table3.csv``, ``table3.md`` and confusion matrices (``ssl-kvasir report``), and ``best_run.json``: the
-run with the highest evaluation MCC, its checkpoint and its metrics. The analysis of the unlabeled images with
-that checkpoint (embeddings, clusters, composition, pseudo-label export) belongs in this step, after the
-choice of the best run.
+run with the highest validation MCC, its checkpoint and its metrics. ``experiments/demo.py`` then analyses the
+unlabeled images with that checkpoint (``ssl-kvasir analyze`` and ``export-pseudo-labels``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ssl_kvasir.curves import load_runs
-from ssl_kvasir.errors import SslKvasirError
+from ssl_kvasir.errors import DataError, SslKvasirError
 from ssl_kvasir.io import atomic_write_json
 from ssl_kvasir.report import render_markdown, write_report
+from ssl_kvasir.results import find_results_files, read_results
 
 
 def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
-    """The run with the highest evaluation ``metric`` (ties: the first path in sorted order)."""
-    runs = load_runs([runs_dir], metrics=[metric]).sort_values("path")
-    best = runs.loc[runs[metric].idxmax()]
-    results = json.loads(Path(best.path).read_text())
+    """The run with the highest *validation* ``metric`` (ties: the first path in sorted order).
+
+    The choice never looks at the evaluation fold: that would make the analysed checkpoint a model selected
+    on test data.
+    """
+    candidates = []
+    for path in sorted(find_results_files([runs_dir])):
+        results = read_results(path, ("method", "backbone", "fold", "metrics", "val_metrics", "checkpoint"))
+        if results["val_metrics"] is None:
+            raise DataError(f"{path}: the run has no validation metrics to choose it by")
+        candidates.append((results["val_metrics"][metric], path, results))
+    _, path, results = max(candidates, key=lambda c: c[0])  # max keeps the first of equal scores
     return {
-        "results": best.path,
-        "run_dir": str(Path(best.path).parent),
+        "results": str(path),
+        "run_dir": str(path.parent),
         "checkpoint": results["checkpoint"],
         "method": results["method"],
         "backbone": results["backbone"],
         "label_fraction": results["label_fraction"],
         "labels_per_class": results["labels_per_class"],
         "fold": results["fold"],
-        "selected_by": metric,
+        "selected_by": f"validation {metric}",
+        "val_metrics": results["val_metrics"],
         "metrics": results["metrics"],
     }
 
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = f"{best['labels_per_class']} labels per class"
     print(
         f"\nbest run: {best['method']} {best['backbone']} with {budget}, fold {best['fold']}: "
-        f"MCC {best['metrics']['mcc']:.4f}\n  checkpoint {best['checkpoint']}\n-> {a.out / 'best_run.json'}"
+        f"validation MCC {best['val_metrics']['mcc']:.4f}, evaluation MCC {best['metrics']['mcc']:.4f}\n  checkpoint {best['checkpoint']}\n-> {a.out / 'best_run.json'}"
     )
     return 0
 
