@@ -331,6 +331,10 @@ def _analysis_command(step: str):
 
 
 def _print_metrics(results: dict, out: Path) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return  # under DDP every process returns the results; one prints them
     m = results["metrics"]
     print(
         f"{results['method']} {results['backbone']} fold {results['fold']} ({results['n_labeled']} labeled, "
