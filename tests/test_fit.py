@@ -229,3 +229,18 @@ def test_wandb_logger_runs_offline_with_group_and_tags(synth_archive, tmp_path, 
     assert r["group"] == "fixmatch-test_resnet-frac0.5"
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_channels_last_gives_the_same_kind_of_results(synth_archive, tmp_path):
+    # The NHWC memory format (for bf16 on GPUs) must not change what a run computes or records.
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        assert (
+            main(["fit", f"output_dir={out}", f"trainer.channels_last={flag}", *_data(synth_archive), *TINY])
+            == 0
+        )
+        runs[flag] = json.loads((out / "results.json").read_text())
+    assert runs["true"]["config"]["trainer"]["channels_last"] is True
+    a, b = runs["false"]["metrics"], runs["true"]["metrics"]
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 0.1 for k in a)
