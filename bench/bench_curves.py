@@ -26,6 +26,7 @@ FOLDS = (0, 1)
 def make_results(root: Path, n_files: int, seed: int = 0) -> list[Path]:
     """``n_files`` results files in the sweep layout, with random metrics."""
     from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+    from ssl_kvasir.metrics import METRIC_KEYS
 
     rng = np.random.default_rng(seed)
     classes = [c.folder for c in HYPERKVASIR_CLASSES]
@@ -37,20 +38,7 @@ def make_results(root: Path, n_files: int, seed: int = 0) -> list[Path]:
         fold = FOLDS[(i // (len(METHODS) * len(FRACTIONS))) % len(FOLDS)]
         run_seed = i // per_point
         cm = rng.integers(0, 30, (23, 23)) + np.diag(rng.integers(50, 400, 23))  # (C, C)
-        metrics = {
-            k: float(rng.uniform(0.3, 0.95))
-            for k in (
-                "mcc",
-                "macro_f1",
-                "micro_f1",
-                "macro_precision",
-                "macro_recall",
-                "micro_precision",
-                "micro_recall",
-                "balanced_accuracy",
-                "accuracy",
-            )
-        }
+        metrics = {k: float(rng.uniform(0.3, 0.95)) for k in METRIC_KEYS}
         results = {
             "method": method,
             "backbone": "resnet18",
