@@ -335,13 +335,14 @@ def fit_once(
     trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
     last = out / "checkpoints" / "last.ckpt"
     with one_tracking_run(logger):
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        # weights_only: a checkpoint is read as data (tensors, numbers, strings), never as code to run.
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or str(last)
         val = None
         if has_val:
-            trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)
+            trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
             val = module.last_eval["val"]
-        trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+        trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     test = module.last_eval["test"]
     results = make_results(cfg, exp, module, test, val, best, total)
     results.update(extra or {})
