@@ -56,10 +56,8 @@ def load_checkpoint_and_data(cfg: DictConfig):
     require(cfg, "checkpoint", "data.root")
     module = load_method(Path(cfg.checkpoint))
     if cfg.data.image_size is None:
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
-        trained = next((v for k, v in state.items() if k.endswith("DataModule") and isinstance(v, dict)), {})
         with open_dict(cfg):
-            cfg.data.image_size = trained.get("image_size", 224)
+            cfg.data.image_size = module.data_settings.get("image_size", 224)
     exp = load_experiment(cfg.data)
     if module.num_classes != len(exp.catalog.classes):
         from ssl_kvasir.errors import DataError

@@ -410,6 +410,9 @@ def write_results(path: Path, results: dict, names: list[str], cm) -> None:
 def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
     """Rebuild a trained method from its checkpoint (network from the stored spec, weights, EMA).
 
+    The data settings it was trained with (``KvasirDataModule.state_dict``: image size, normalisation,
+    classes) are attached as ``module.data_settings``.
+
     Raises:
         DataError: when the file is not a ssl_kvasir checkpoint.
     """
@@ -427,6 +430,7 @@ def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
     cls = method_class(ckpt.get("method", ""))
     module = cls(network=network, **ckpt["hyper_parameters"])
     module.load_state_dict(ckpt["state_dict"])
+    module.data_settings = ckpt.get(KvasirDataModule.__qualname__, {})
     return module.eval()
 
 
