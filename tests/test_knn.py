@@ -158,5 +158,5 @@ def test_zero_vectors_stay_zero() -> None:
 
 def test_missing_faiss_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
-    with pytest.raises(ConfigError, match="pip install faiss-cpu"):
+    with pytest.raises(ConfigError, match=r"ssl_kvasir\[cpu\]. \(faiss-cpu\)"):
         build_index(np.ones((3, 2), np.float32))
