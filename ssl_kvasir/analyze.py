@@ -7,6 +7,7 @@ training images) and a cluster view (HDBSCAN on UMAP) are computed side by side.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,23 @@ class Analysis:
     outlier_scores: np.ndarray | None = None  # (N,)
     coords: np.ndarray | None = None  # (N, 2)
     outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        """Rows of the labeled training-fold images: the kNN database (never the evaluation fold)."""
+        s = self.store
+        return np.flatnonzero((s.labels >= 0) & (s.folds >= 0) & (s.folds != self.eval_fold))
+
+    @property
+    def eval_rows(self) -> np.ndarray:
+        """Rows of the evaluation fold."""
+        s = self.store
+        return np.flatnonzero((s.labels >= 0) & (s.folds == self.eval_fold))
+
+    @functools.cached_property
+    def train_features(self) -> np.ndarray:
+        """(N_db, D) float32 features of the kNN database, read from the store once."""
+        return np.asarray(self.store.features[self.train_rows], dtype=np.float32)
 
 
 def _out_dir(cfg: DictConfig) -> Path:
@@ -133,13 +151,12 @@ def run_knn(cfg: DictConfig, analysis: Analysis) -> None:
     from ssl_kvasir.metrics import classification_metrics
 
     s = analysis.store
-    train = (s.labels >= 0) & (s.folds >= 0) & (s.folds != analysis.eval_fold)
-    queries = np.flatnonzero(~train)
-    db = np.flatnonzero(train)
+    db = analysis.train_rows
+    queries = np.setdiff1d(np.arange(len(s)), db)
     n_classes = s.probs.shape[1]
     probs = np.full((len(s), n_classes), np.nan, dtype=np.float32)
     probs[queries] = knn_classify(
-        np.asarray(s.features[db], dtype=np.float32),
+        analysis.train_features,
         s.labels[db],
         np.asarray(s.features[queries], dtype=np.float32),
         k=cfg.knn.k,
@@ -147,7 +164,7 @@ def run_knn(cfg: DictConfig, analysis: Analysis) -> None:
         num_classes=n_classes,
     )
     analysis.knn_probs = probs
-    evaluation = np.flatnonzero((s.labels >= 0) & (s.folds == analysis.eval_fold))
+    evaluation = analysis.eval_rows
     if len(evaluation):
         knn_pred = probs[evaluation].argmax(1)
         clf_pred = np.asarray(s.probs[evaluation]).argmax(1)
@@ -169,15 +186,14 @@ def neighbours(cfg: DictConfig, analysis: Analysis, classes, path: Path) -> Path
 
     s = analysis.store
     row_of = {p: i for i, p in enumerate(s.paths)} | {Path(p).name: i for i, p in enumerate(s.paths)}
-    db = np.flatnonzero((s.labels >= 0) & (s.folds >= 0) & (s.folds != analysis.eval_fold))
-    db_feats = np.asarray(s.features[db], dtype=np.float32)
+    db = analysis.train_rows
     tables = []
     for query in cfg.knn.neighbours_of:
         if query not in row_of:
             raise DataError(f"knn.neighbours_of: {query!r} is not an image of {cfg.data.root}")
         i = row_of[query]
         found = nearest_labeled(
-            db_feats,
+            analysis.train_features,
             [s.paths[j] for j in db],
             s.labels[db],
             np.asarray(s.features[i], dtype=np.float32),
@@ -281,7 +297,7 @@ def analyze(cfg: DictConfig) -> Analysis:
         is_labeled=s.labels >= 0,
         title="UMAP of the embeddings",
     )
-    evaluation = np.flatnonzero((s.labels >= 0) & (s.folds == analysis.eval_fold))
+    evaluation = analysis.eval_rows
     if len(evaluation):
         analysis.outputs["knn confusion"] = plot_knn_confusion(
             s.labels[evaluation],
