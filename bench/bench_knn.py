@@ -40,24 +40,22 @@ def matmul_gflops(dim: int, n: int, rows: int = 2048, repeats: int = 3) -> dict[
     a = rng.standard_normal((rows, dim), dtype=np.float32)
     b = rng.standard_normal((n, dim), dtype=np.float32)
     flops = 2.0 * rows * n * dim
-    rates = {}
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - t)
-    rates["numpy"] = flops / best / 1e9
+
+    def best_seconds(matmul) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            matmul()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    rates = {"numpy": flops / best_seconds(lambda: a @ b.T) / 1e9}
     try:
         import torch
     except ImportError:
         return rates
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        ta @ tb.T
-        best = min(best, time.perf_counter() - t)
-    rates["torch"] = flops / best / 1e9
+    rates["torch"] = flops / best_seconds(lambda: ta @ tb.T) / 1e9
     return rates
 
 

@@ -9,24 +9,20 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
+def _git(*args: str) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5
+    ).stdout.strip()
+
+
 @functools.cache
 def code_version() -> str:
-    repo = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        sha = _git("rev-parse", "--short", "HEAD")
         if not sha:
             return __version__
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+g{sha}{'-dirty' if dirty else ''}"
