@@ -21,7 +21,9 @@ from ssl_kvasir.analysis._optional import import_optional
 from ssl_kvasir.data.classes import ClassTable
 from ssl_kvasir.errors import ConfigError, DataError
 
-_FAISS_INSTALL = "pip install 'ssl_kvasir[cpu]' (faiss-cpu), or 'ssl_kvasir[gpu]' (faiss-gpu) on a CUDA machine"
+_FAISS_INSTALL = (
+    "pip install 'ssl_kvasir[cpu]' (faiss-cpu), or 'ssl_kvasir[gpu]' (faiss-gpu) on a CUDA machine"
+)
 
 
 def _faiss():
