@@ -44,3 +44,32 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def logit_adjusted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    prior: torch.Tensor,
+    tau: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Menon et al. 2021's logit-adjusted loss: cross-entropy of ``logits + tau * log prior``.
+
+    "we add a label-dependent offset to each of the logits ... ``l(y, f(x)) = -log e^{f_y(x) + tau log pi_y} /
+    sum_y' e^{f_y'(x) + tau log pi_y'}``": training through the offset lets the raw logits ``f(x)`` estimate the
+    balanced posterior, so that predicting with ``argmax f(x)`` minimises the balanced error. ``tau = 0`` is
+    plain cross-entropy.
+
+    Args:
+        logits: (B, C).
+        targets: (B,) class indices or (B, C) probabilities.
+        prior: (C,) class prior pi (counts or shares; normalised here; a zero share counts as 1e-12).
+        tau: strength of the adjustment.
+        reduction: ``mean``, ``sum`` or ``none``.
+    """
+    prior = prior.to(logits.device, torch.float32)
+    log_prior = torch.log((prior / prior.sum()).clamp_min(1e-12))  # (C,)
+    adjusted = logits + (tau * log_prior).to(logits.dtype)  # (B, C)
+    if targets.dim() == 1:
+        return F.cross_entropy(adjusted, targets, reduction=reduction)
+    return soft_cross_entropy(adjusted, targets, reduction=reduction)
