@@ -281,7 +281,7 @@ def _setup_logging() -> None:
 
 def _fit(argv: list[str]) -> int:
     from ssl_kvasir.config import compose
-    from ssl_kvasir.runner import fit
+    from ssl_kvasir.run.train import fit
 
     cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit"))
     _setup_logging()
@@ -292,7 +292,7 @@ def _fit(argv: list[str]) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from ssl_kvasir.config import compose
-    from ssl_kvasir.runner import evaluate
+    from ssl_kvasir.run.train import evaluate
 
     cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir evaluate"))
     _setup_logging()
@@ -305,8 +305,8 @@ def _analysis_command(step: str):
     """``embed``, ``analyze`` or ``export-pseudo-labels``: Hydra overrides on configs/analyze.yaml."""
 
     def run(argv: list[str]) -> int:
-        from ssl_kvasir import analyze
         from ssl_kvasir.config import compose
+        from ssl_kvasir.run import analysis as analyze
 
         if any(a in ("-h", "--help") for a in argv):
             print(

@@ -25,20 +25,10 @@ import pandas as pd
 from ssl_kvasir.baselines import PAPER_TABLE3
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write, atomic_write_text
+from ssl_kvasir.names import METRIC_LABELS
 from ssl_kvasir.results import find_results_files, is_integer, is_number, read_results, results_error
 
 CURVE_METRICS = ("mcc", "macro_f1", "micro_f1")
-METRIC_LABELS = {
-    "mcc": "MCC",
-    "macro_f1": "macro-F1",
-    "micro_f1": "micro-F1",
-    "macro_precision": "macro precision",
-    "macro_recall": "macro recall",
-    "micro_precision": "micro precision",
-    "micro_recall": "micro recall",
-    "balanced_accuracy": "balanced accuracy",
-    "accuracy": "accuracy",
-}
 REFERENCE_ROW = "DenseNet-161"
 REFERENCE_LABEL = "paper: DenseNet-161, 100 % labels"
 FRACTION, PER_CLASS = "label_fraction", "labels_per_class"

@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.results import RESULTS_NAME
-from ssl_kvasir.tracking import label_budget
 
 log = logging.getLogger("ssl_kvasir.sweep")
-
-
-def budget_id(label_fraction: float | None, labels_per_class: int | None) -> str:
-    """``frac0.1`` or ``lpc25``: the label budget as the W&B group spells it (:func:`tracking.label_budget`)."""
-    if label_fraction is None and labels_per_class is None:
-        raise ConfigError("set data.label_fraction or data.labels_per_class (both are null)")
-    data = SimpleNamespace(label_fraction=label_fraction, labels_per_class=labels_per_class)
-    return label_budget(SimpleNamespace(data=data))
-
-
-def backbone_id(name: str, head: str) -> str:
-    """The backbone as ``results.json`` names it: the timm name(s), plus the head when it is an MLP."""
-    return name if head in ("linear", "averaged") else f"{name}+{head}"
 
 
 def register_resolvers() -> None:
@@ -82,10 +68,10 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
     if launcher is not None:
         match_launcher(cfg, launcher)
     # Imported only for a run to fit: a skipped point costs no torch import.
-    from ssl_kvasir.runner import fit
+    from ssl_kvasir.run.train import fit
 
     log.info("fitting %s", out)
-    # Each fit closes its own W&B run (runner.one_tracking_run), so the points of a local sweep, which share
+    # Each fit closes its own W&B run (run.train.one_tracking_run), so the points of a local sweep, which share
     # this process, log into runs of their own.
     results = fit(cfg)
     return {"output_dir": str(out), "skipped": False, "metrics": results["metrics"]}

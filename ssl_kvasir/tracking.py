@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ssl_kvasir.names import backbone_id, budget_id
+
 
 def wandb_mode() -> str:
     """``online`` when the user has configured W&B (an API key in the environment or ``~/.netrc``), else
@@ -23,19 +25,18 @@ def wandb_mode() -> str:
 
 
 def label_budget(cfg: DictConfig) -> str:
-    d = cfg.data
-    return f"frac{d.label_fraction:g}" if d.labels_per_class is None else f"lpc{d.labels_per_class}"
+    return budget_id(cfg.data.label_fraction, cfg.data.labels_per_class)
 
 
 def run_group(cfg: DictConfig) -> str:
     """Runs that differ only by fold and seed share a group: ``<method>-<backbone>-<budget>``."""
-    return f"{cfg.method.name}-{cfg.backbone.name}-{label_budget(cfg)}"
+    return f"{cfg.method.name}-{backbone_id(cfg.backbone.name, cfg.backbone.head)}-{label_budget(cfg)}"
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
     return [
         cfg.method.name,
-        cfg.backbone.name,
+        backbone_id(cfg.backbone.name, cfg.backbone.head),
         label_budget(cfg),
         f"fold{cfg.data.fold}",
         f"seed{cfg.seed}",

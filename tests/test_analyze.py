@@ -43,7 +43,6 @@ def _analysis_args(trained, out, *extra):
         f"output_dir={out}",
         *data,
         "data.num_workers=0",
-        "embed.bf16=false",
         "umap.n_neighbors=5",
         "cluster.min_cluster_size=5",
         *extra,

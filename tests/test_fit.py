@@ -120,16 +120,19 @@ def test_self_training_rounds(synth_archive, tmp_path):
     assert not (out / "round_0" / "results.json").exists()  # sweeps count the whole run once
 
 
-def test_self_training_selection_balances_classes():
-    from ssl_kvasir.self_training import select_for_training
+def test_pseudo_label_selection_balances_classes():
+    from ssl_kvasir.pseudo_labels.selection import select_pseudo_labels
 
     probs = np.array([[0.9, 0.1]] * 6 + [[0.2, 0.8]] * 2 + [[0.55, 0.45]])
-    pos, targets = select_for_training(probs, threshold=0.6, balance="cap", max_per_class=3)
-    assert pos.tolist() == [0, 1, 2, 6, 7] and targets.argmax(1).tolist() == [0, 0, 0, 1, 1]
-    pos, _ = select_for_training(probs, threshold=0.6, balance="duplicate", max_per_class=3)
+    conf, pred = probs.max(1), probs.argmax(1)
+    pos = select_pseudo_labels(conf, pred, 2, min_confidence=0.6, balance="cap", max_per_class=3)
+    assert pos.tolist() == [0, 1, 2, 6, 7]
+    pos = select_pseudo_labels(conf, pred, 2, min_confidence=0.6, balance="duplicate", max_per_class=3)
     assert sorted(pos.tolist()) == [0, 1, 2, 6, 6, 7]
-    pos, soft = select_for_training(probs, threshold=0.0, balance="none", soft=True)
-    assert len(pos) == 9 and np.allclose(soft, probs)
+    assert len(select_pseudo_labels(conf, pred, 2)) == 9
+    # The default budget is the median count over the classes with any kept image: median(6, 2) = 4.
+    pos = select_pseudo_labels(conf, pred, 2, min_confidence=0.6, balance="cap")
+    assert pos.tolist() == [0, 1, 2, 3, 6, 7]
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,9 @@ def test_run_folder_names_follow_the_budget_and_backbone() -> None:
     assert cfg.output_dir == "runs/supervised/resnet152+densenet161+mlp/lpc25/fold0/seed0"
     cfg = compose_sweep(["data.label_fraction=null"])
     # OmegaConf wraps the resolver's ConfigError; its message names both keys.
-    with pytest.raises(InterpolationResolutionError, match="data.label_fraction or data.labels_per_class"):
+    with pytest.raises(
+        InterpolationResolutionError, match="exactly one of data.label_fraction and data.labels_per_class"
+    ):
         _ = cfg.output_dir
     # The default grid: 3 methods x 6 fractions x 2 folds x 1 seed.
     params = cfg.hydra.sweeper.params

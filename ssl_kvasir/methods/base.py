@@ -1,14 +1,31 @@
-"""The base LightningModule: network, EMA, optimizer, schedule, evaluation and prediction.
+"""The base LightningModule: modules, EMA, optimizer, schedule, evaluation and prediction.
 
 A method adds only its ``__init__`` arguments and its ``training_step`` (solo-learn's split). It declares the
 views its training streams need; the DataModule serves them, so no dataset branches on a method's name.
+
+Extension points, so that a new method never edits this file:
+
+- :meth:`BaseMethod.trainable_modules`: what the optimizer trains and the EMA averages. By default every
+  submodule with trainable parameters (the network, and any head or projector a method adds in its
+  ``__init__``).
+- :meth:`BaseMethod.classify`: how a set of those modules (live or averaged) predicts; override it to predict
+  through another head.
+- :meth:`BaseMethod.from_config`: turns a method's config (strategy names, facts about the data) into the
+  strategy objects its constructor takes.
+- :meth:`BaseMethod.procedure`: what a run of the method is. One fit by default; a multi-stage method
+  (self-training's rounds) drives the stages itself through the :class:`Runner` it is handed.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
@@ -16,12 +33,58 @@ from torch import nn
 from ssl_kvasir.errors import SslKvasirError
 from ssl_kvasir.models import EMA, Network
 
+# Strategy objects (masking, alignment, priors) are constructor arguments and modules: their state is saved in
+# the state dict and their config by from_config, so Lightning's advice to ignore them does not apply.
+warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
+EVAL_WEIGHTS = ("ema", "model")
 
 
 class TrainingDiverged(SslKvasirError):
     """The loss stopped being finite."""
+
+
+class Runner(Protocol):
+    """What the run layer offers a method's :meth:`~BaseMethod.procedure` (implemented in ``ssl_kvasir.run``).
+
+    Attributes:
+        config: the method's own config keys that its constructor does not take (``procedure_keys``).
+        out: the run's output folder.
+        num_classes: C.
+        classes: the class table (a ``ssl_kvasir.data.classes.ClassTable``).
+        pool_rows: catalog rows of the unlabeled pool.
+        pool_paths: their paths relative to the archive root.
+        pool_labels: their labels (-1 where unknown).
+    """
+
+    config: Mapping[str, Any]
+    out: Path
+    num_classes: int
+    classes: Any
+    pool_rows: np.ndarray
+    pool_paths: np.ndarray
+    pool_labels: np.ndarray
+
+    def fit_stage(
+        self,
+        out: Path,
+        pseudo_labeled: tuple[np.ndarray, np.ndarray] | None = None,
+        extra: dict | None = None,
+        results_file: str = "results.json",
+        overrides: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """One Lightning fit + selection + test into ``out``; returns its results (reused when finished)."""
+        ...
+
+    def predict_probs(self, checkpoint: str | Path, rows: np.ndarray) -> np.ndarray:
+        """(N, C) class probabilities of catalog ``rows`` from a checkpoint, through the one prediction path."""
+        ...
+
+    def write_results(self, results: dict) -> None:
+        """Write the run's ``results.json``."""
+        ...
 
 
 def fixmatch_cosine(step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -36,11 +99,12 @@ def fixmatch_cosine(step: int, total_steps: int, warmup_steps: int = 0) -> float
 
 
 class BaseMethod(L.LightningModule):
-    """Owns the network, its EMA copy, the optimizer and schedule, and the evaluation metrics.
+    """Owns the network, the EMA of its trainable modules, the optimizer and schedule, and evaluation.
 
     Args:
         network: backbone + head.
         class_names: names in index order (for per-class logs and reports).
+        labeled_class_counts: images per class in the labeled training subset (priors, alignment targets).
         optimizer: ``sgd`` (with Nesterov momentum) or ``adamw``.
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -56,15 +120,18 @@ class BaseMethod(L.LightningModule):
             uninterrupted one.
     """
 
-    name: str = "base"
-    labeled_views: tuple[str, ...] = ("weak",)
-    unlabeled_views: tuple[str, ...] = ()
-    pseudo_views: tuple[str, ...] = ()
+    name: ClassVar[str] = "base"
+    labeled_views: ClassVar[tuple[str, ...]] = ("weak",)
+    unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    pseudo_views: ClassVar[tuple[str, ...]] = ()
+    # Keys of the method's config read by its procedure, not by its constructor.
+    procedure_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         network: Network,
         class_names: list[str],
+        labeled_class_counts: list[int] | None = None,
         optimizer: str = "sgd",
         lr: float = 0.03,
         momentum: float = 0.9,
@@ -83,27 +150,88 @@ class BaseMethod(L.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if eval_weights not in EVAL_WEIGHTS:
+            raise ValueError(f"unknown eval_weights {eval_weights!r}; valid: {', '.join(EVAL_WEIGHTS)}")
         if optimizer == "sgd" and nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0 (set nesterov=false)")
         if eval_weights == "ema" and not ema_decay:
             raise ValueError("eval_weights=ema needs an EMA (ema_decay > 0)")
+        if labeled_class_counts is not None and len(labeled_class_counts) != len(class_names):
+            raise ValueError(
+                f"labeled_class_counts has {len(labeled_class_counts)} entries for {len(class_names)} classes"
+            )
         self.save_hyperparameters(ignore=["network"])
+        # Strategy objects handed to a subclass are modules, saved as state; their config is saved by from_config.
+        for key in [k for k, v in self.hparams.items() if isinstance(v, nn.Module)]:
+            del self.hparams[key], self._hparams_initial[key]
         self.model = network
-        self.ema = EMA(network, ema_decay, ema_warmup) if ema_decay else None
         self.num_classes = len(class_names)
+        # Made by configure_model, once the subclass has added its own modules.
+        self.ema: EMA | None = None
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_eval: dict = {}
 
+    # ---- construction from a config ----------------------------------------------------------------
     @classmethod
     def data_kwargs(cls, datamodule) -> dict:
-        """Constructor arguments that come from the data (the unlabeled pool's size, class counts, ...)."""
-        return {}
+        """Constructor arguments that come from the data: the labeled class counts, and what a method needs
+        more (the unlabeled pool's size, ...)."""
+        lb = datamodule.streams["lb"]
+        return {
+            "labeled_class_counts": [int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)]
+        }
+
+    @classmethod
+    def from_config(cls, network: Network, **config) -> BaseMethod:
+        """Build the method from plain config values (what a config file and the data say).
+
+        Methods whose constructor takes strategy objects turn the config's names into objects here (see
+        :meth:`FixMatch.from_config <ssl_kvasir.methods.fixmatch.FixMatch.from_config>`). The config values
+        are stored as the hyper-parameters, so a checkpoint rebuilds the method through this same call.
+        """
+        module = cls(network=network, **cls.strategies(config))
+        module.save_hyperparameters({**module.hparams, **config})
+        return module
+
+    @classmethod
+    def strategies(cls, config: dict) -> dict:
+        """Constructor arguments from config values; the base class takes them as they are."""
+        return dict(config)
+
+    @classmethod
+    def procedure(cls, runner: Runner) -> dict:
+        """A run of this method: one fit, selection on validation, test. Returns the results."""
+        return runner.fit_stage(runner.out)
+
+    # ---- the modules that train --------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules the optimizer trains and the EMA averages, by attribute name.
+
+        Every direct submodule with a trainable parameter, except the EMA itself: a method that adds a head or
+        a projector in its ``__init__`` gets it trained and averaged without overriding anything.
+        """
+        return {
+            name: module
+            for name, module in self.named_children()
+            if name != "ema" and any(p.requires_grad for p in module.parameters())
+        }
+
+    def configure_model(self) -> None:
+        """Make the EMA of the trainable modules (Lightning calls this before restoring a checkpoint)."""
+        if self.ema is None and self.hparams.ema_decay:
+            self.ema = EMA(self._live_modules(), self.hparams.ema_decay, self.hparams.ema_warmup)
+
+    def _live_modules(self) -> nn.ModuleDict:
+        # Kept outside the module tree (not a registered child), so the parameters are not listed twice.
+        if "_live" not in self.__dict__:
+            self.__dict__["_live"] = nn.ModuleDict(self.trainable_modules())
+        return self.__dict__["_live"]
 
     # ---- training plumbing -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
-        for p in self.model.parameters():
+        for p in self._live_modules().parameters():
             if p.requires_grad:
                 (decay if p.ndim > 1 else no_decay).append(p)
         groups = [
@@ -133,7 +261,7 @@ class BaseMethod(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self._live_modules())
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of every process, concatenated along the batch (``x`` itself on one process)."""
@@ -141,14 +269,35 @@ class BaseMethod(L.LightningModule):
             return x
         return self.all_gather(x).flatten(0, 1)
 
-    # ---- evaluation --------------------------------------------------------------------------------
-    @property
-    def eval_network(self) -> nn.Module:
-        """The network that validation, test and prediction use (EMA or live weights)."""
-        return self.ema.module if self.hparams.eval_weights == "ema" else self.model
+    # ---- prediction ----------------------------------------------------------------------------------
+    def classify(
+        self, modules: Mapping[str, nn.Module], x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, D) and logits (B, C) of images ``x`` by ``modules`` (live or averaged copies, keyed as
+        :meth:`trainable_modules`). Override to predict through another head."""
+        return modules["model"].features_and_logits(x)
 
+    @property
+    def eval_modules(self) -> Mapping[str, nn.Module]:
+        """The modules validation, test and prediction use: the EMA copies or the live ones (``eval_weights``)."""
+        if self.hparams.eval_weights == "ema":
+            if self.ema is None:
+                self.configure_model()
+            return self.ema.module
+        return self._live_modules()
+
+    def predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, D) and logits (B, C) with the evaluation weights: the one way this module predicts."""
+        return self.classify(self.eval_modules, x)
+
+    @property
+    def feature_dim(self) -> int:
+        """D of :meth:`predict_batch`'s features."""
+        return self.model.num_features
+
+    # ---- evaluation --------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:
-        logits = self.eval_network(batch["eval"])  # (B, C)
+        _, logits = self.predict_batch(batch["eval"])  # (B, C)
         self._outputs.append((batch["label"].cpu(), logits.argmax(1).cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -178,15 +327,6 @@ class BaseMethod(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        features, logits = self.eval_network.features_and_logits(batch["eval"])  # (B, D), (B, C)
-        return {
-            "index": batch["index"].cpu(),
-            "path": list(batch["path"]),
-            "probs": logits.float().softmax(1).cpu(),
-            "features": features.float().cpu(),
-        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["network_spec"] = dict(self.model.spec)

@@ -1,17 +1,16 @@
-"""FixMatch (Sohn et al. 2020), with pluggable masking and optional distribution alignment."""
+"""FixMatch (Sohn et al. 2020), with the masking rule and distribution alignment as strategy objects."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ssl_kvasir.losses import masked_cross_entropy
 from ssl_kvasir.methods.base import BaseMethod
-from ssl_kvasir.pseudo_labels.masking import DistributionAlignment, build_masking
+from ssl_kvasir.pseudo_labels.masking import build_alignment, build_masking
 
 TEACHERS = ("ema", "model")
-ALIGNMENTS = ("labeled", "uniform")
 
 
 class FixMatch(BaseMethod):
@@ -20,14 +19,12 @@ class FixMatch(BaseMethod):
     then trained to predict the artificial label when fed a strongly-augmented version of the same image."
 
     Args:
-        num_unlabeled: size of the unlabeled pool (for class-adaptive masking).
-        labeled_class_counts: images per class in the labeled subset (target of distribution alignment).
-        threshold: confidence threshold tau (0.95).
+        masking: which pseudo-labels count, e.g. :class:`~ssl_kvasir.pseudo_labels.masking.FixedThreshold`
+            (FixMatch) or :class:`~ssl_kvasir.pseudo_labels.masking.ClassAdaptiveThreshold` (FlexMatch).
+        alignment: distribution alignment of the weak predictions, or None.
         lambda_u: weight of the unlabeled loss (1.0).
-        masking: ``fixed`` (FixMatch) or ``flexmatch`` (class-adaptive thresholds).
-        alignment: None, ``labeled`` or ``uniform``: distribution alignment of the weak predictions.
-        teacher: ``ema`` (pseudo-labels from the EMA model) or ``model`` (from the live model, in the same
-            forward pass as the paper does).
+        teacher: ``model``: the live network labels the weak view in the same forward pass as the labeled and
+            strong batches (the paper); ``ema``: the EMA copy labels it (a Mean-Teacher variant).
         **base: arguments of :class:`BaseMethod`.
     """
 
@@ -37,39 +34,38 @@ class FixMatch(BaseMethod):
 
     @classmethod
     def data_kwargs(cls, datamodule) -> dict:
-        lb = datamodule.streams["lb"]
-        return {
-            "num_unlabeled": len(datamodule.streams["ulb"].rows),
-            "labeled_class_counts": [
-                int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)
-            ],
-        }
+        return {**super().data_kwargs(datamodule), "num_unlabeled": len(datamodule.streams["ulb"].rows)}
+
+    @classmethod
+    def strategies(cls, config: dict) -> dict:
+        """``masking``/``alignment`` names (with ``threshold``, ``num_unlabeled``) -> strategy objects."""
+        config = dict(config)
+        num_classes = len(config["class_names"])
+        masking = build_masking(
+            config.pop("masking", "fixed"),
+            config.pop("threshold", 0.95),
+            config.pop("num_unlabeled"),
+            num_classes,
+        )
+        alignment = build_alignment(
+            config.pop("alignment", None), config.get("labeled_class_counts"), num_classes
+        )
+        return {**config, "masking": masking, "alignment": alignment}
 
     def __init__(
         self,
-        num_unlabeled: int,
-        labeled_class_counts: list[int],
-        threshold: float = 0.95,
+        masking: nn.Module,
+        alignment: nn.Module | None = None,
         lambda_u: float = 1.0,
-        masking: str = "fixed",
-        alignment: str | None = None,
-        teacher: str = "ema",
+        teacher: str = "model",
         **base,
     ):
         super().__init__(**base)
         if teacher not in TEACHERS:
             raise ValueError(f"unknown teacher {teacher!r}; valid: {', '.join(TEACHERS)}")
-        if teacher == "ema" and self.ema is None:
+        if teacher == "ema" and not self.hparams.ema_decay:
             raise ValueError("teacher=ema needs an EMA (ema_decay > 0)")
-        self.masking = build_masking(masking, threshold, num_unlabeled, self.num_classes)
-        if alignment is None:
-            self.alignment = None
-        elif alignment in ALIGNMENTS:
-            counts = torch.tensor(labeled_class_counts, dtype=torch.float)
-            target = counts if alignment == "labeled" else torch.ones(self.num_classes)
-            self.alignment = DistributionAlignment(target)
-        else:
-            raise ValueError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)} or null")
+        self.masking, self.alignment = masking, alignment
         # Pseudo-label accuracy per class over an epoch, where the true label is known.
         self.register_buffer("_pl_correct", torch.zeros(self.num_classes), persistent=False)
         self.register_buffer("_pl_total", torch.zeros(self.num_classes), persistent=False)
@@ -88,7 +84,7 @@ class FixMatch(BaseMethod):
         else:
             logits_lb, logits_ulb_s = self.model(torch.cat([x_lb, x_ulb_s])).split([n_lb, n_ulb])
             with torch.no_grad():
-                probs_w = self.ema(x_ulb_w).float().softmax(1)  # (mu B, C)
+                probs_w = self.classify(self.ema.module, x_ulb_w)[1].float().softmax(1)  # (mu B, C)
 
         if self.alignment is not None:
             self.alignment.update(self.gather(probs_w))

@@ -102,6 +102,23 @@ class DistributionAlignment(nn.Module):
 
 
 MASKINGS = ("fixed", "flexmatch")
+ALIGNMENTS = ("labeled", "uniform")
+
+
+def build_alignment(
+    kind: str | None, labeled_class_counts: list[int] | None, num_classes: int
+) -> DistributionAlignment | None:
+    """Distribution alignment towards the labeled class distribution (``labeled``), towards balanced classes
+    (``uniform``), or none (None)."""
+    if kind is None:
+        return None
+    if kind == "labeled":
+        if labeled_class_counts is None:
+            raise ValueError("alignment=labeled needs the labeled class counts")
+        return DistributionAlignment(torch.tensor(labeled_class_counts, dtype=torch.float))
+    if kind == "uniform":
+        return DistributionAlignment(torch.ones(num_classes))
+    raise ValueError(f"unknown alignment {kind!r}; valid: {', '.join(ALIGNMENTS)} or null")
 
 
 def build_masking(kind: str, threshold: float, num_unlabeled: int, num_classes: int) -> nn.Module:

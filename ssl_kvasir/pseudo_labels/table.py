@@ -27,6 +27,7 @@ import pandas as pd
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write
+from ssl_kvasir.pseudo_labels.selection import select_pseudo_labels as select
 
 PSEUDO_LABEL_COLUMNS = [
     "filename",
@@ -304,7 +305,8 @@ def select_pseudo_labels(
     top_k_per_class: int | None = None,
     require_agreement: bool = False,
 ) -> pd.DataFrame:
-    """Keep the pseudo-labels worth training on.
+    """Keep the pseudo-labels worth training on (the rule of
+    :func:`ssl_kvasir.pseudo_labels.selection.select_pseudo_labels`, on a table).
 
     Args:
         df: a pseudo-label table.
@@ -321,23 +323,26 @@ def select_pseudo_labels(
     Raises:
         ConfigError: for a negative k, or ``require_agreement`` on a table without kNN.
     """
-    keep = df.confidence.to_numpy() >= min_confidence
+    if top_k_per_class is not None and top_k_per_class < 0:
+        raise ConfigError(f"top_k_per_class must be >= 0, got {top_k_per_class}")
+    agrees = None
     if require_agreement:
         agrees = df.knn_agrees.astype("boolean")
         if agrees.isna().all() and len(df):
             raise ConfigError(
                 "require_agreement needs kNN columns, but this pseudo-label table has no kNN vote"
             )
-        keep &= agrees.fillna(False).to_numpy(dtype=bool)
-    kept = df[keep]
-    if top_k_per_class is not None:
-        if top_k_per_class < 0:
-            raise ConfigError(f"top_k_per_class must be >= 0, got {top_k_per_class}")
-        # A stable sort on descending confidence keeps the earlier row first among equals.
-        ranked = kept.sort_values("confidence", ascending=False, kind="stable")
-        ranked = ranked.groupby("paper_index", sort=False).head(top_k_per_class)
-        kept = kept.loc[kept.index.isin(ranked.index)]
-    return kept
+        agrees = agrees.fillna(False).to_numpy(dtype=bool)
+    positions = select(
+        df.confidence.to_numpy(),
+        df.paper_index.to_numpy(),
+        int(df.paper_index.max()) + 1 if len(df) else 0,
+        min_confidence=min_confidence,
+        balance="none" if top_k_per_class is None else "cap",
+        max_per_class=top_k_per_class,
+        agrees=agrees,
+    )
+    return df.iloc[positions]
 
 
 def write_pseudo_labels(

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, open_dict
 
 from ssl_kvasir.config import require
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.io import atomic_write_json, atomic_write_text
+from ssl_kvasir.run.checkpoint import load_method
+from ssl_kvasir.run.experiment import build_datamodule, load_experiment
+from ssl_kvasir.run.predict import Predictor
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -69,8 +71,6 @@ def store_dir(cfg: DictConfig) -> Path:
 
 def load_checkpoint_and_data(cfg: DictConfig):
     """The trained method (EMA weights preferred) and the experiment's data, at the checkpoint's image size."""
-    from ssl_kvasir.runner import load_experiment, load_method
-
     require(cfg, "checkpoint", "data.root")
     module = load_method(Path(cfg.checkpoint))
     if cfg.data.image_size is None:
@@ -90,13 +90,11 @@ def load_checkpoint_and_data(cfg: DictConfig):
 def embed(cfg: DictConfig, module=None, exp=None):
     """Features and probabilities of every labeled and unlabeled image, streamed to an embedding store.
 
-    Memory stays bounded whatever the number of images (rows go to disk chunk by chunk) and a killed run
-    resumes at its first unfinished chunk. Returns the loaded store.
+    Predicts through :class:`~ssl_kvasir.run.predict.Predictor` (the checkpoint's evaluation weights; device and
+    autocast from ``trainer``). Memory stays bounded whatever the number of images (rows go to disk chunk by
+    chunk) and a killed run resumes at its first unfinished chunk. Returns the loaded store.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ssl_kvasir.analysis.embeddings import MANIFEST_FILE, EmbeddingWriter, load_embeddings
-    from ssl_kvasir.runner import build_datamodule
 
     if module is None:
         module, exp = load_checkpoint_and_data(cfg)
@@ -105,11 +103,10 @@ def embed(cfg: DictConfig, module=None, exp=None):
     if (store / MANIFEST_FILE).exists():
         log.info("reusing the embeddings in %s", store)
         return load_embeddings(store, expected_paths=list(images.path))
-    network = module.ema.module if module.ema is not None else module.model
     writer = EmbeddingWriter(
         store,
         n_rows=len(images),
-        dim=network.num_features,
+        dim=module.feature_dim,
         num_classes=module.num_classes,
         dtype=cfg.embed.dtype,
         chunk_rows=cfg.embed.chunk_rows,
@@ -117,30 +114,12 @@ def embed(cfg: DictConfig, module=None, exp=None):
     )
     writer.write_index(images.path, images.label, images.fold)
     rows = writer.pending_rows()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    network = network.to(device).eval()
-    if cfg.embed.bf16:
-        network = network.to(memory_format=torch.channels_last)
     dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     dm.eval_batch_size = cfg.embed.batch_size
-    columns = [
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.speed} img/s"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns) as bar, torch.inference_mode():
-        task = bar.add_task("embed", total=len(images), completed=len(images) - len(rows))
-        for batch in dm.loader(rows):
-            x = batch["eval"].to(device)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.embed.bf16):
-                if cfg.embed.bf16:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                features, logits = network.features_and_logits(x)  # (B, D), (B, C)
-            writer.add(features.float().cpu().numpy(), logits.float().softmax(1).cpu().numpy())
-            bar.advance(task, len(x))
-    writer.finalize(extra={"image_size": cfg.data.image_size, "bf16": cfg.embed.bf16})
+    predictor = Predictor.from_config(module, cfg.trainer)
+    for probs, features in predictor.batches(dm.loader(rows), features=True, what="embedding"):
+        writer.add(features, probs)
+    writer.finalize(extra={"image_size": cfg.data.image_size, "precision": str(cfg.trainer.precision)})
     return load_embeddings(store, expected_paths=list(images.path))
 
 
@@ -340,11 +319,12 @@ def analyze(cfg: DictConfig) -> Analysis:
 
 
 def export_pseudo_labels(cfg: DictConfig) -> Path:
-    """Embeddings (reused when present), kNN and clusters, then the selected pseudo-label CSV."""
+    """Embeddings (reused when present), kNN (and clusters with ``cluster.export``), then the selected
+    pseudo-label CSV."""
     module, exp = load_checkpoint_and_data(cfg)
     analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
     run_knn(cfg, analysis)
-    if cfg.cluster.enabled:
+    if cfg.cluster.export:
         run_clusters(cfg, analysis)
     return export(cfg, analysis, exp.catalog.classes)
 

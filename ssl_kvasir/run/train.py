@@ -1,0 +1,337 @@
+"""Fitting and evaluating methods: ``ssl-kvasir fit`` and ``ssl-kvasir evaluate``.
+
+A run is its method's :meth:`~ssl_kvasir.methods.BaseMethod.procedure`, handed a :class:`StageRunner`: one
+Lightning fit for most methods, several stages for a method that declares them (self-training's rounds). The
+runner never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ssl_kvasir.config import require
+from ssl_kvasir.data.splits import unlabeled_pool
+from ssl_kvasir.errors import ConfigError, DataError
+from ssl_kvasir.io import atomic_write_json
+from ssl_kvasir.methods import BaseMethod
+from ssl_kvasir.names import backbone_id, budget_id
+from ssl_kvasir.run.checkpoint import AtomicCheckpointIO, load_method
+from ssl_kvasir.run.experiment import (
+    Experiment,
+    build_datamodule,
+    build_method,
+    build_network_from_cfg,
+    load_experiment,
+    method_class,
+    schedule,
+)
+from ssl_kvasir.run.predict import Predictor
+from ssl_kvasir.tracking import run_group
+from ssl_kvasir.version import code_version
+
+log = logging.getLogger("ssl_kvasir")
+# The EMA copy is a submodule kept in eval mode on purpose (BatchNorm uses its averaged statistics).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+RESULTS_FILE = "results.json"
+
+
+class StageRunner:
+    """The :class:`~ssl_kvasir.methods.base.Runner` of one ``fit``: what a method's procedure may call.
+
+    Args:
+        cfg: the composed run config.
+        exp: the run's data.
+        method_cls: the method being run.
+        out: the run's folder.
+    """
+
+    def __init__(self, cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], out: Path):
+        self.cfg, self.exp, self.method_cls, self.out = cfg, exp, method_cls, out
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        self.config = {k: method[k] for k in method_cls.procedure_keys if k in method}
+        self.num_classes = len(exp.catalog.classes)
+        d = cfg.data
+        self.pool_rows = unlabeled_pool(exp.split, d.use_archive_unlabeled, d.unlabeled_rest)
+        images = exp.catalog.images
+        self.pool_paths = images.path.to_numpy()[self.pool_rows]
+        self.pool_labels = images.label.to_numpy()[self.pool_rows]
+        self.classes = exp.catalog.classes
+
+    def fit_stage(
+        self,
+        out: Path,
+        pseudo_labeled: tuple[np.ndarray, np.ndarray] | None = None,
+        extra: dict | None = None,
+        results_file: str = RESULTS_FILE,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> dict:
+        done = Path(out) / results_file
+        if done.exists():
+            return json.loads(done.read_text())
+        cfg = self.cfg
+        if overrides:
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                for key, value in overrides.items():
+                    OmegaConf.update(cfg, key, value, merge=False)
+        return fit_once(cfg, self.exp, self.method_cls, Path(out), pseudo_labeled, extra, results_file)
+
+    def predict_probs(self, checkpoint: str | Path, rows: np.ndarray) -> np.ndarray:
+        module = load_method(Path(checkpoint))
+        dm = build_datamodule(self.cfg, self.exp, type(module), module.model, steps_per_epoch=1)
+        predictor = Predictor.from_config(module, self.cfg.trainer)
+        return predictor.probs(dm.loader(rows), what=f"predicting {len(rows)} images")
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.out / RESULTS_FILE, results)
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Run ``cfg.method``'s procedure: train, select on the validation part, test on the evaluation fold,
+    write ``results.json``.
+
+    A run whose ``results.json`` exists is not redone; a run with ``checkpoints/last.ckpt`` resumes from it.
+    """
+    require(cfg, "output_dir", "data.root")
+    out = Path(cfg.output_dir)
+    if (out / RESULTS_FILE).exists():
+        log.warning("%s exists: the run is done (delete it to run again)", out / RESULTS_FILE)
+        return json.loads((out / RESULTS_FILE).read_text())
+    method_cls = method_class(cfg.method.name)
+    exp = load_experiment(cfg.data)
+    return method_cls.procedure(StageRunner(cfg, exp, method_cls, out))
+
+
+def fit_once(
+    cfg: DictConfig,
+    exp: Experiment,
+    method_cls: type[BaseMethod],
+    out: Path,
+    pseudo_labeled=None,
+    extra: dict | None = None,
+    results_file: str = RESULTS_FILE,
+) -> dict:
+    """One Lightning fit + validation + test of ``method_cls``, written to ``out/<results_file>``."""
+    from lightning.fabric.utilities.seed import seed_everything
+
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    per_epoch, total = schedule(cfg.trainer.max_steps, cfg.data.steps_per_epoch)
+    network = build_network_from_cfg(cfg, len(exp.catalog.classes))
+    if cfg.trainer.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
+    module = build_method(cfg, method_cls, dm, network, total)
+    has_val = len(exp.split.val) > 0
+    logger = build_logger(cfg, out)
+    trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
+    last = out / "checkpoints" / "last.ckpt"
+    with one_tracking_run(logger):
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path or str(last)
+        val = None
+        if has_val:
+            trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
+            val = module.last_eval["val"]
+        trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
+    test = module.last_eval["test"]
+    results = make_results(cfg, exp, module, test, val, best, total)
+    results.update(extra or {})
+    if trainer.is_global_zero:
+        write_results(out / results_file, results, exp.catalog.classes.names, test["confusion_matrix"])
+    return results
+
+
+def build_logger(cfg: DictConfig, out: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    if cfg.logger.kind == "csv":
+        return CSVLogger(save_dir=str(out), name="logs", version="")
+    if cfg.logger.kind != "wandb":
+        raise ConfigError(f"unknown logger {cfg.logger.kind!r}; valid: wandb, csv")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ssl_kvasir.tracking import run_tags, wandb_mode
+
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or run_group(cfg),
+        tags=run_tags(cfg),
+        name=out.name,
+        save_dir=str(out),
+        mode=cfg.logger.mode or wandb_mode(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        id=_stable_run_id(out),
+        resume="allow",
+    )
+
+
+def _stable_run_id(out: Path) -> str:
+    """One W&B run per output folder, so a resumed or requeued job continues its run."""
+    import hashlib
+
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def one_tracking_run(logger):
+    """One W&B run per Lightning fit, closed when the fit ends (a failed one marked so): the next fit in the
+    same process (a local sweep's next point, self-training's next round) must not log into this run."""
+    try:
+        yield
+    except BaseException:
+        _finish_wandb(logger, exit_code=1)
+        raise
+    _finish_wandb(logger, exit_code=0)
+
+
+def _finish_wandb(logger, exit_code: int) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = cfg.trainer
+    best = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor=t.monitor if has_val else None,
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    # The resume point, written at every epoch end. Not ModelCheckpoint(save_last=True): Lightning 2.6 writes
+    # that one only when the monitored metric improved, so a requeued job would redo every epoch since then.
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+    )
+    plugins = [AtomicCheckpointIO()]
+    if "SLURM_JOB_ID" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # A pre-empted or timed-out job is requeued and resumes from checkpoints/last.ckpt.
+        plugins.append(SLURMEnvironment(auto_requeue=True))
+    return L.Trainer(
+        # Whole epochs, not max_steps: Lightning resumes a step-based run from an epoch-end checkpoint as if
+        # mid-epoch and trains an extra batch, so a requeued run would not repeat an uninterrupted one.
+        max_epochs=total_steps // steps_per_epoch,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        logger=logger,
+        callbacks=[best, last],  # trainer.checkpoint_callback is the first: the model selection
+        plugins=plugins,
+        # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if has_val else 0,
+        log_every_n_steps=min(t.log_every_n_steps, steps_per_epoch),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+
+
+def make_results(
+    cfg: DictConfig,
+    exp: Experiment,
+    module: BaseMethod,
+    test: dict,
+    val: dict | None,
+    checkpoint: str,
+    steps: int,
+) -> dict:
+    from ssl_kvasir.metrics import per_class_report
+
+    names = exp.catalog.classes.names
+    return {
+        "method": cfg.method.name,
+        "backbone": backbone_id(cfg.backbone.name, cfg.backbone.head),
+        "budget": budget_id(cfg.data.label_fraction, cfg.data.labels_per_class),
+        "system": cfg.system,
+        "protocol": cfg.get("protocol"),
+        "fold": cfg.data.fold,
+        "seed": cfg.seed,
+        "data_seed": cfg.data.seed,
+        "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
+        "labels_per_class": cfg.data.labels_per_class,
+        "n_labeled": int(len(exp.split.labeled)),
+        "n_unlabeled": int(
+            len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))
+        ),
+        "n_val": int(len(exp.split.val)),
+        "n_test": int(len(exp.split.test)),
+        "steps": steps,
+        "code_version": code_version(),
+        "classes": names,
+        "metrics": {k: float(v) for k, v in test["metrics"].items()},
+        "metrics_weights": module.hparams.eval_weights,
+        "val_metrics": {k: float(v) for k, v in val["metrics"].items()} if val else None,
+        "selection": f"best {cfg.trainer.monitor} on the validation part of the training folds"
+        if val
+        else "last checkpoint (no validation images)",
+        "per_class": per_class_report(test["confusion_matrix"], names),
+        "confusion_matrix": np.asarray(test["confusion_matrix"]).tolist(),
+        "checkpoint": str(checkpoint),
+        "group": cfg.logger.get("group") or run_group(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def write_results(path: Path, results: dict, names: list[str], cm) -> None:
+    """``results.json`` and a confusion-matrix PNG beside it."""
+    from ssl_kvasir.metrics import plot_confusion_matrix
+
+    title = f"{results['method']} {results['backbone']} fold {results['fold']}"
+    plot_confusion_matrix(np.asarray(cm), names, path.parent / "confusion_matrix.png", title=title)
+    atomic_write_json(path, results)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-evaluate ``cfg.checkpoint`` on the evaluation fold of ``cfg.data`` through the prediction path;
+    writes ``output_dir/evaluation.json`` (same fields as ``results.json``)."""
+    from ssl_kvasir.metrics import confusion_matrix, metrics_from_confusion
+
+    require(cfg, "checkpoint", "output_dir", "data.root")
+    module = load_method(Path(cfg.checkpoint))
+    exp = load_experiment(cfg.data)
+    n_classes = len(exp.catalog.classes)
+    if module.num_classes != n_classes:
+        raise DataError(
+            f"checkpoint {cfg.checkpoint} has {module.num_classes} classes, the data at {cfg.data.root} has {n_classes}"
+        )
+    spec = module.model.spec
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.method = {"name": module.name}
+        cfg.backbone.name, cfg.backbone.head = spec["name"], spec["head"]
+    dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
+    rows = exp.split.test
+    probs = Predictor.from_config(module, cfg.trainer).probs(dm.loader(rows), what="evaluating")
+    cm = confusion_matrix(exp.catalog.images.label.to_numpy()[rows], probs.argmax(1), n_classes)
+    test = {"metrics": metrics_from_confusion(cm), "confusion_matrix": cm}
+    results = make_results(cfg, exp, module, test, None, str(cfg.checkpoint), steps=0)
+    atomic_write_json(Path(cfg.output_dir) / "evaluation.json", results)
+    return results
