@@ -306,7 +306,7 @@ def _analysis_command(step: str):
 
     def run(argv: list[str]) -> int:
         from ssl_kvasir.config import compose
-        from ssl_kvasir.run import analysis as analyze
+        from ssl_kvasir.run import unlabeled as analyze
 
         if any(a in ("-h", "--help") for a in argv):
             print(
