@@ -1,51 +1,16 @@
-"""Views, the epoch sampler and the DataModule's batches."""
+"""The samplers and the DataModule's batches (decoded images in the workers, views after the transfer)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ssl_kvasir.data.archive import load_catalog
-from ssl_kvasir.data.datamodule import EpochSampler, KvasirDataModule
+from ssl_kvasir.data.datamodule import ClassBalancedSampler, EpochSampler, KvasirDataModule
 from ssl_kvasir.data.splits import make_split
-from ssl_kvasir.data.transforms import COLOR_OPS, build_view
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@pytest.mark.parametrize("name", ["weak", "strong", "eval"])
-def test_views_give_normalised_square_tensors(name):
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
-    x = build_view(name, 48, MEAN, STD)(image)
-    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
-
-
-def test_eval_view_is_deterministic_and_weak_is_not():
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    ev, weak = build_view("eval", 32, MEAN, STD), build_view("weak", 32, MEAN, STD)
-    assert torch.equal(ev(image), ev(image))
-    torch.manual_seed(0)
-    assert any(not torch.equal(weak(image), weak(image)) for _ in range(5))
-
-
-def test_strong_view_without_colour_never_changes_hue():
-    from timm.data.auto_augment import RandAugment
-
-    ops_of = lambda view: {op.name for t in view.transforms if isinstance(t, RandAugment) for op in t.ops}  # noqa: E731
-    with_colour = ops_of(build_view("strong", 32, MEAN, STD, strong_color=True))
-    without = ops_of(build_view("strong", 32, MEAN, STD, strong_color=False))
-    assert set(COLOR_OPS) <= with_colour
-    assert not (set(COLOR_OPS) & without) and {"Rotate", "ShearX", "Brightness"} <= without
-    # A pure blue image (the dye) stays blue-dominant through the colour-free strong view.
-    blue = Image.new("RGB", (32, 32), (20, 40, 200))
-    view = build_view("strong", 32, (0, 0, 0), (1, 1, 1), strong_color=False)
-    for seed in range(20):
-        torch.manual_seed(seed)
-        x = view(blue)
-        kept = x.abs().sum(0) > 0  # outside the Cutout square and the padding
-        assert (x[2][kept] >= x[0][kept]).all() and (x[2][kept] >= x[1][kept]).all()
 
 
 def _orders(sampler: EpochSampler, world: int, monkeypatch) -> list[list[int]]:
@@ -76,16 +41,60 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks(monkeypa
     assert not {x for _, x in a} & {x for _, x in b}
 
 
-def test_augmentation_is_a_function_of_the_sampled_seed(synth_archive):
+def test_class_balanced_sampler_draws_every_class_about_equally(monkeypatch):
+    labels = np.repeat(np.arange(4), [2, 10, 50, 500])  # (562,) one class 250 times the size of another
+    s = ClassBalancedSampler(labels, num_samples=8000, seed=1)
+    draws = [i for i, _ in s]
+    counts = np.bincount(labels[draws], minlength=4)
+    assert len(draws) == 8000 and (np.abs(counts - 2000) < 150).all(), counts
+    assert draws == [i for i, _ in ClassBalancedSampler(labels, 8000, seed=1)]  # a function of (seed, epoch)
+    s.set_epoch(1)
+    assert [i for i, _ in s] != draws
+    a, b = _orders(ClassBalancedSampler(labels, 100, seed=0), world=2, monkeypatch=monkeypatch)
+    assert len(a) == len(b) == 100 and not {x for _, x in a} & {x for _, x in b}  # ranks: own draws, seeds
+    uniform = np.bincount(labels[[i for i, _ in EpochSampler(len(labels), 8000, seed=1)]], minlength=4)
+    assert uniform[3] > 10 * uniform[0]  # the plain sampler follows the class sizes
+
+
+def test_views_are_a_function_of_the_sampled_seed(synth_archive):
     catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
     split = make_split(catalog, eval_fold=0, seed=0)
-    dm = KvasirDataModule(catalog, split, image_size=32, mean=MEAN, std=STD, num_workers=0, strong_color=True)
+    dm = KvasirDataModule(catalog, split, image_size=32, mean=MEAN, std=STD, num_workers=0)
     ds = dm.dataset(split.labeled[:3], ("weak", "strong"))
-    a = ds[(1, 12345)]
-    torch.manual_seed(999)  # whatever the generators held before
-    b = ds[(1, 12345)]
-    assert torch.equal(a["strong"], b["strong"]) and torch.equal(a["weak"], b["weak"])
-    assert not torch.equal(ds[(1, 54321)]["strong"], a["strong"])
+    sample = ds[(1, 12345)]
+    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.uint8
+    assert sample["aug_seed"] == 12345 and "weak" not in sample  # workers only decode
+
+    def views(*items):
+        batch = dm._loader(ds, len(items), ("weak", "strong")).collate_fn([ds[i] for i in items])
+        return dm.transfer(batch, "cpu")
+
+    a, b = views((1, 12345), (0, 7)), views((2, 99), (1, 12345))
+    for v in ("weak", "strong"):
+        assert a[v].shape == (2, 3, 32, 32) and a[v].dtype == torch.float32
+        assert torch.allclose(a[v][0], b[v][1], atol=1e-5)  # the same sample and seed in another batch
+    assert not torch.equal(views((1, 54321))["strong"][0], a["strong"][0])
+
+
+@pytest.mark.parametrize("policy", ["fixmatch", "timm"])
+def test_views_made_in_the_workers_equal_views_made_after_the_transfer(synth_archive, policy):
+    catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
+    split = make_split(catalog, eval_fold=0, seed=0)
+    dm = KvasirDataModule(
+        catalog, split, image_size=32, mean=MEAN, std=STD, num_workers=0, strong_policy=policy, batch_size=5
+    )
+    rows = split.test[:5]
+    on_cpu = next(iter(dm.loader(rows)))
+    on_device = next(iter(dm.loader(rows, device_views=True)))
+    assert "eval" not in on_device and on_device["image"].dtype == torch.uint8
+    assert torch.equal(dm.transfer(on_device, "cpu")["eval"], on_cpu["eval"])
+    ds = dm.dataset(rows, ("weak", "strong"))
+    items = [(i, 1000 + i) for i in range(5)]
+    made = dm._loader(ds, 5, ("weak", "strong"), in_worker=True).collate_fn([ds[i] for i in items])
+    later = dm.transfer(dm._loader(ds, 5, ("weak", "strong")).collate_fn([ds[i] for i in items]), "cpu")
+    assert ("strong_image" in ds[items[0]]) == (policy == "timm")
+    for v in ("weak", "strong"):
+        assert torch.equal(made[v], later[v])
 
 
 def test_datamodule_serves_the_methods_streams(synth_archive):
@@ -109,7 +118,10 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     )
     loaders = dm.train_dataloader()
     assert set(loaders) == {"lb", "ulb", "pl"} and all(len(dl) == 2 for dl in loaders.values())
-    lb, ulb, pl = (next(iter(loaders[k])) for k in ("lb", "ulb", "pl"))
+    # What a training step receives: Lightning moves the combined batch, then the DataModule makes the views.
+    batch = dm.on_after_batch_transfer({k: next(iter(dl)) for k, dl in loaders.items()}, 0)
+    lb, ulb, pl = (batch[k] for k in ("lb", "ulb", "pl"))
+    assert "image" not in ulb and "views" not in ulb and "aug" not in ulb
     assert lb["weak"].shape == (4, 3, 32, 32) and set(lb["label"].tolist()) <= set(range(23))
     assert set(lb["index"].tolist()) <= set(split.labeled.tolist())
     assert ulb["weak"].shape == ulb["strong"].shape == (12, 3, 32, 32)
@@ -119,6 +131,6 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     assert all(images.path[i] == p for i, p in zip(ulb["index"].tolist(), ulb["path"], strict=True))
     assert pl["target"].shape == (4, 23) and pl["strong"].shape == (4, 3, 32, 32) and "weak" not in pl
     assert set(pl["index"].tolist()) <= set(rows.tolist())
-    test = next(iter(dm.test_dataloader()))
+    test = dm.transfer(next(iter(dm.test_dataloader())), "cpu")
     assert set(test) >= {"index", "pos", "path", "label", "eval"}
     assert (images.fold.to_numpy()[test["index"].numpy()] == 0).all()

@@ -1,16 +1,14 @@
-"""apply_views: one shared resize, the same tensors as running every view on its own."""
+"""The PIL views of timm's policy: shapes, the colour-free option, and seeded reproducibility."""
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
-from ssl_kvasir.data.transforms import apply_views, build_view
+from ssl_kvasir.data.datamodule import seeded
+from ssl_kvasir.data.transforms import TIMM_COLOR_OPS, build_view, timm_rand_augment, timm_strong_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -20,47 +18,28 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def _seed(s: int) -> None:
-    # torchvision draws from torch's generator, timm's RandAugment from numpy's (ops) and Python's (magnitudes).
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
+@pytest.mark.parametrize("name", ["weak", "strong", "eval"])
+def test_cpu_views_give_normalised_square_tensors(name):
+    x = build_view(name, 48, MEAN, STD)(_image(0, (120, 90)))
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
 
 
-@pytest.mark.parametrize("names", [("weak", "strong"), ("eval",), ("strong", "weak", "eval")])
-@pytest.mark.parametrize("strong_color", [True, False])
-def test_apply_views_equals_each_view_alone(names, strong_color):
-    views = {n: build_view(n, 32, MEAN, STD, strong_color) for n in names}
-    for seed, size in [(0, (48, 40)), (1, (40, 64)), (2, (33, 33))]:
-        image = _image(seed, size)
-        _seed(seed)
-        naive = {n: v(image) for n, v in views.items()}
-        _seed(seed)
-        shared = apply_views(image, views)
-        assert list(shared) == list(naive)
-        for n in names:
-            assert shared[n].shape == (3, 32, 32)
-            assert torch.equal(shared[n], naive[n]), n
+def test_timm_strong_image_is_uint8_and_a_function_of_the_seed():
+    view = timm_strong_image(32, MEAN)
+    image = _image(1, (32, 32))
+    with seeded(7):
+        a = view(image)
+    torch.manual_seed(123)  # whatever the generators held before
+    with seeded(7):
+        b = view(image)
+    with seeded(8):
+        c = view(image)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_apply_views_resizes_once_per_size(monkeypatch):
-    calls = []
-    forward = T.Resize.forward
-
-    def counting(self, img):
-        calls.append(tuple(self.size))
-        return forward(self, img)
-
-    monkeypatch.setattr(T.Resize, "forward", counting)
-    image = _image(0, (50, 40))
-    views = {"weak": build_view("weak", 24, MEAN, STD), "strong": build_view("strong", 24, MEAN, STD)}
-    views["eval"] = build_view("eval", 16, MEAN, STD)
-    out = apply_views(image, views)
-    assert sorted(calls) == [(16, 16), (24, 24)]
-    assert out["eval"].shape == (3, 16, 16) and out["strong"].shape == (3, 24, 24)
-
-
-def test_apply_views_runs_plain_callables_alone():
-    image = _image(3, (20, 20))
-    out = apply_views(image, {"raw": T.ToTensor(), "eval": build_view("eval", 8, MEAN, STD)})
-    assert out["raw"].shape == (3, 20, 20) and out["eval"].shape == (3, 8, 8)
+def test_timm_policy_without_colour_leaves_out_the_colour_ops():
+    names = lambda ra: {op.name for op in ra.ops}  # noqa: E731
+    assert set(TIMM_COLOR_OPS) & names(timm_rand_augment(32, MEAN, color=True))
+    without = names(timm_rand_augment(32, MEAN, color=False))
+    assert not set(TIMM_COLOR_OPS) & without and {"Rotate", "ShearX", "Brightness"} <= without

@@ -10,26 +10,44 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ssl_kvasir.data.archive import Catalog
+from ssl_kvasir.data.augment import STRONG_POLICIES, ViewMaker
 from ssl_kvasir.data.splits import ExperimentSplit, unlabeled_pool
-from ssl_kvasir.data.transforms import apply_views, build_view
+from ssl_kvasir.data.transforms import timm_strong_image
+
+SAMPLERS = ("uniform", "class_balanced")
 
 
 class ImageDataset(Dataset):
-    """Images of a catalog, each returned as a dict of named views plus its identity.
+    """Images of a catalog, decoded and resized once to the network's input, plus their identity.
 
     A sample is ``{"index": catalog row, "pos": position in this dataset, "path": path relative to the root,
-    "label": class or -1,
-    "<view>": tensor for each view, "target": (C,) probabilities when soft targets are given}``.
+    "label": class or -1, "aug_seed": the seed of its views, "image": (3, S, S) uint8,
+    "<view>_image": (3, S, S) uint8 for each view made here (``pil_views``), "target": (C,) probabilities when
+    soft targets are given}``. The views themselves are made from ``image`` in batch, on the training device
+    (:class:`~ssl_kvasir.data.augment.ViewMaker`).
+
+    Args:
+        root: the archive root (images are read from it when there is no cache).
+        paths: image paths relative to ``root``.
+        rows: the catalog rows of the images.
+        labels: their classes (-1: unknown).
+        image_size: the side S every image is resized to (bilinear, antialiased, as a square).
+        cache: an ``ImageCache`` or None to decode the JPEGs.
+        targets: optional ``(N, C)`` soft targets.
+        pil_views: view name -> a PIL transform of the resized image returning ``(3, S, S)`` uint8, run in the
+            worker under the sample's seed (timm's RandAugment policy).
     """
 
     def __init__(
@@ -38,53 +56,84 @@ class ImageDataset(Dataset):
         paths: Sequence[str],
         rows: np.ndarray,
         labels: np.ndarray,
-        views: dict[str, Callable],
-        min_size: int,
+        image_size: int,
         cache=None,
         targets: np.ndarray | None = None,
+        pil_views: Mapping[str, Callable] | None = None,
     ):
         self.root = Path(root)
         self.paths = list(paths)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.views = views
-        self.min_size = min_size
+        self.image_size = image_size
         self.cache = cache
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
+        self.pil_views = dict(pil_views or {})
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, i: int):
-        """The decoded RGB image of item ``i`` (from the cache when there is one)."""
+    def load(self, i: int) -> Image.Image:
+        """The decoded RGB image of item ``i`` (from the cache when there is one), resized to S x S."""
         from ssl_kvasir.data.decode import decode_image
 
         path = self.paths[i]
         if self.cache is not None:
-            return self.cache.load(path, self.min_size)
-        return decode_image(self.root / path, self.min_size, name=str(self.root / path))
+            image = self.cache.load(path, self.image_size)
+        else:
+            image = decode_image(self.root / path, self.image_size, name=str(self.root / path))
+        size = (self.image_size, self.image_size)
+        # PIL's bilinear resize filters over the whole footprint when shrinking (antialiased).
+        return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        if isinstance(item, tuple):
-            # From an EpochSampler: (position, augmentation seed). The sample's augmentation is then a function of
-            # (seed, epoch, position in the epoch), whatever process draws it and whether the run was resumed.
-            i, augmentation_seed = item
-            with seeded(augmentation_seed):
-                return self._sample(i)
-        return self._sample(item)
-
-    def _sample(self, i: int) -> dict:
+        # From an EpochSampler: (position, augmentation seed), so a sample's views are a function of (seed,
+        # epoch, position in the epoch), whatever process makes them and whether the run was resumed.
+        i, aug_seed = item if isinstance(item, tuple) else (item, 0)
         image = self.load(i)
-        sample = {"index": int(self.rows[i]), "pos": i, "path": self.paths[i], "label": int(self.labels[i])}
-        sample.update(apply_views(image, self.views))  # one resize shared by the views
+        sample = {
+            "index": int(self.rows[i]),
+            "pos": i,
+            "path": self.paths[i],
+            "label": int(self.labels[i]),
+            "aug_seed": aug_seed,
+            "image": torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()),  # (3, S, S) uint8
+        }
+        for name, view in self.pil_views.items():
+            with seeded(aug_seed):
+                sample[f"{name}_image"] = view(image)  # (3, S, S) uint8
         if self.targets is not None:
             sample["target"] = torch.from_numpy(self.targets[i])
         return sample
 
 
+@dataclass(frozen=True)
+class StreamCollate:
+    """Collates a stream's samples and says which views the batch needs; the random parameters of those views
+    are drawn here, in the worker (a few numbers a sample, from each sample's ``aug_seed``), and travel as numpy
+    arrays, which Lightning does not move: grouping samples by operation on the device then needs no sync.
+
+    Args:
+        views: the view names the stream's consumer reads.
+        maker: the view settings (image size, colour, policy).
+        in_worker: make the views here, on the CPU, instead of leaving them to the training device (for
+            loops that use the batch as it comes, e.g. ``batch["eval"].to(device)``).
+    """
+
+    views: tuple[str, ...]
+    maker: ViewMaker
+    in_worker: bool = False
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = default_collate(samples)
+        batch["views"] = self.views
+        batch["aug"] = {v: self.maker.params(batch["aug_seed"], v) for v in self.views if v != "eval"}
+        return self.maker.stream(batch) if self.in_worker else batch
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Seed the generators that augmentations draw from (torchvision: torch; timm's RandAugment: random and
+    """Seed the generators that PIL augmentations draw from (torchvision: torch; timm's RandAugment: random and
     numpy), and restore them afterwards, so that loading data never shifts the random stream of training."""
     states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
     torch.manual_seed(seed)
@@ -130,10 +179,37 @@ class EpochSampler(Sampler[tuple[int, int]]):
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total = self.num_samples * world
-        passes = -(-total // self.n)
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(passes)])[:total]
+        order = self.order(total, g)  # (total,)
         base = (self.seed * 1_000_003 + epoch) * 10_000_019
         return iter((int(order[k]), (base + k) % 2**63) for k in range(rank, total, world))
+
+    def order(self, total: int, g: torch.Generator) -> torch.Tensor:
+        """``total`` positions for one epoch of all processes: reshuffled passes over the ``n`` items."""
+        passes = -(-total // self.n)
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(passes)])[:total]
+
+
+class ClassBalancedSampler(EpochSampler):
+    """An :class:`EpochSampler` whose every draw picks a class uniformly, then an item of that class uniformly
+    (with replacement): rare classes are seen as often as common ones. A function of ``(seed, epoch)`` like
+    its parent, so resumed runs stay exact.
+
+    Args:
+        labels: ``(n,)`` the items' classes.
+        num_samples, seed, epoch_fn: as for :class:`EpochSampler`.
+    """
+
+    def __init__(
+        self, labels: np.ndarray, num_samples: int, seed: int, epoch_fn: Callable[[], int] | None = None
+    ):
+        super().__init__(len(labels), num_samples, seed, epoch_fn)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        counts = torch.bincount(labels)  # (C,)
+        # Each item weighs 1 / (its class's size): every present class then carries the same total weight.
+        self.weights = 1.0 / counts[labels].double()  # (n,)
+
+    def order(self, total: int, g: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(self.weights, total, replacement=True, generator=g)
 
 
 @dataclass(frozen=True)
@@ -169,7 +245,15 @@ class KvasirDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         cache: an ``ImageCache`` or None to decode the JPEGs.
         strong_color: whether the strong view may change colours.
+        strong_policy: ``fixmatch`` (the FixMatch paper's RandAugment, on the training device) or ``timm``
+            (timm's ``rand-m10-n2-mstd0.5`` on PIL images in the workers).
+        sampler: how the labeled stream draws: ``uniform`` (reshuffled passes) or ``class_balanced`` (each
+            class equally likely per draw).
         seed: seed of the samplers.
+
+    Workers only decode (to ``image``, uint8 at ``image_size``); the views are made in batch after the batch
+    reaches the training device (:meth:`on_after_batch_transfer`, which Lightning calls in every loop that
+    runs with this DataModule; :meth:`transfer` for hand-written loops).
     """
 
     def __init__(
@@ -193,9 +277,16 @@ class KvasirDataModule(L.LightningDataModule):
         num_workers: int = 4,
         cache=None,
         strong_color: bool = True,
+        strong_policy: str = "fixmatch",
+        sampler: str = "uniform",
         seed: int = 0,
     ):
         super().__init__()
+        if strong_policy not in STRONG_POLICIES:
+            raise ValueError(f"unknown strong policy {strong_policy!r}; valid: {', '.join(STRONG_POLICIES)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        self.strong_policy, self.sampler = strong_policy, sampler
         self.catalog, self.split, self.cache = catalog, split, cache
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.batch_size, self.mu = batch_size, mu
@@ -206,6 +297,7 @@ class KvasirDataModule(L.LightningDataModule):
             strong_color,
             seed,
         )
+        self.view_maker = ViewMaker(self.mean, self.std, image_size, strong_color, strong_policy)
         labels = catalog.images.label.to_numpy()
         self.streams: dict[str, Stream] = {
             "lb": Stream(split.labeled, labels[split.labeled], tuple(labeled_views), batch_size)
@@ -252,51 +344,82 @@ class KvasirDataModule(L.LightningDataModule):
     def dataset(
         self, rows: np.ndarray, views: Sequence[str], targets: np.ndarray | None = None
     ) -> ImageDataset:
-        """A dataset of catalog rows with the named views."""
+        """A dataset of catalog rows, decoded for the named views (timm's strong view is made here)."""
         images = self.catalog.images
+        pil_views = {}
+        if "strong" in views and self.strong_policy == "timm":
+            pil_views["strong"] = timm_strong_image(self.image_size, self.mean, self.strong_color)
         return ImageDataset(
             root=self.catalog.root,
             paths=images.path.to_numpy()[rows],
             rows=rows,
             labels=images.label.to_numpy()[rows],
-            views={v: build_view(v, self.image_size, self.mean, self.std, self.strong_color) for v in views},
-            min_size=self.image_size,
+            image_size=self.image_size,
             cache=self.cache,
             targets=targets,
+            pil_views=pil_views,
         )
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        views: Sequence[str],
+        sampler: Sampler | None = None,
+        in_worker: bool = False,
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
+            collate_fn=StreamCollate(tuple(views), self.view_maker, in_worker),
             pin_memory=torch.cuda.is_available(),
             drop_last=sampler is not None,
         )
 
+    def _sampler(self, name: str, stream: Stream, seed: int) -> EpochSampler:
+        num_samples = self.steps_per_epoch * stream.batch_size
+        if name == "lb" and self.sampler == "class_balanced":
+            return ClassBalancedSampler(stream.labels, num_samples, seed=seed, epoch_fn=self._current_epoch)
+        return EpochSampler(len(stream.rows), num_samples, seed=seed, epoch_fn=self._current_epoch)
+
     def train_dataloader(self) -> dict[str, DataLoader]:
         loaders = {}
         for k, (name, s) in enumerate(self.streams.items()):
-            sampler = EpochSampler(
-                len(s.rows),
-                self.steps_per_epoch * s.batch_size,
-                seed=self.seed * 7 + k,
-                epoch_fn=self._current_epoch,
+            sampler = self._sampler(name, s, seed=self.seed * 7 + k)
+            loaders[name] = self._loader(
+                self.dataset(s.rows, s.views, s.targets), s.batch_size, s.views, sampler
             )
-            loaders[name] = self._loader(self.dataset(s.rows, s.views, s.targets), s.batch_size, sampler)
         return loaders
 
-    def loader(self, rows: np.ndarray, view: str = "eval") -> DataLoader:
-        """An ordered evaluation loader over any catalog rows."""
-        return self._loader(self.dataset(rows, (view,)), self.eval_batch_size)
+    def loader(self, rows: np.ndarray, view: str = "eval", device_views: bool = False) -> DataLoader:
+        """An ordered evaluation loader over any catalog rows.
+
+        Args:
+            rows: catalog rows.
+            view: the view its batches carry.
+            device_views: leave the view to the device (:meth:`transfer` or the Lightning hook make it from
+                the uint8 ``image``); otherwise the workers make it and ``batch[view]`` is ready on the CPU.
+        """
+        return self._loader(
+            self.dataset(rows, (view,)), self.eval_batch_size, (view,), in_worker=not device_views
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.split.val)
+        return self.loader(self.split.val, device_views=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.split.test)
+        return self.loader(self.split.test, device_views=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.loader(unlabeled_pool(self.split))
+        return self.loader(unlabeled_pool(self.split), device_views=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Make the views of every stream in the batch, on the device it was moved to."""
+        return self.view_maker(batch)
+
+    def transfer(self, batch: dict, device: torch.device | str) -> dict:
+        """Move a batch to ``device`` and make its views there (for loops outside a Lightning trainer)."""
+        return self.view_maker(move_data_to_device(batch, device))
