@@ -94,15 +94,58 @@ def test_class_adaptive_threshold_lowers_bar_for_unlearned_classes():
 
 
 def test_distribution_alignment_equals_naive():
+    torch.manual_seed(0)
     target = torch.tensor([1.0, 1.0, 2.0])
     da = DistributionAlignment(target, momentum=0.9)
+    p_target = target / target.sum()
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
-    da.update(probs)
-    running = 0.9 * torch.full((3,), 1 / 3) + 0.1 * probs.mean(0)
-    expected = probs * (target / target.sum()) / running
-    expected = expected / expected.sum(1, keepdim=True)
-    assert torch.allclose(da(probs), expected, atol=1e-6)
-    assert torch.allclose(da.model_dist, running)
+    assert torch.allclose(da(probs), probs)  # no prediction seen yet: a ratio of 1
+    running = None
+    for step in range(6):
+        batch = probs if step == 0 else (torch.randn(5, 3) * 2).softmax(1)
+        da.update(batch)
+        # naive: the running mean starts at the first batch's mean (USB's DistAlignEMAHook), then an EMA
+        mean = [sum(float(batch[i, c]) for i in range(len(batch))) / len(batch) for c in range(3)]
+        running = mean if running is None else [0.9 * running[c] + 0.1 * mean[c] for c in range(3)]
+        for i in range(len(batch)):
+            scaled = [float(batch[i, c]) * float(p_target[c]) / running[c] for c in range(3)]
+            expected = [v / sum(scaled) for v in scaled]
+            assert torch.allclose(da(batch)[i], torch.tensor(expected), atol=1e-6)
+        assert torch.allclose(da.model_dist, torch.tensor(running), atol=1e-6)
+    assert int(da.n_updates) == 6
+
+
+def test_distribution_alignment_factor_of_a_rare_class_starts_near_one():
+    # An imbalanced stream: a model that has learned the labeled prior predicts about that prior. Alignment
+    # towards the labeled distribution must then leave the rare class alone from the first step (a running
+    # mean started at the uniform distribution scaled it by about C * prior = 23 * 6 / 10662 = 0.013).
+    counts = torch.tensor([6.0] + [10662.0 / 22] * 22)  # one class of 6 images among 23
+    prior = counts / counts.sum()
+    g = torch.Generator().manual_seed(0)
+    da = DistributionAlignment(counts, momentum=0.999)
+    factors = []
+    for _ in range(50):
+        logits = prior.log() + 0.3 * torch.randn(64, 23, generator=g)  # (64, 23) around the prior
+        probs = logits.softmax(1)
+        da.update(probs)
+        factors.append(float(da.factor()[0]))
+        aligned = da(probs)
+        # the rare class keeps about its share, instead of losing 98 % of it
+        assert float(aligned[:, 0].mean()) == pytest.approx(float(probs[:, 0].mean()), rel=0.3)
+    assert all(0.7 < f < 1.3 for f in factors)
+    uniform_start = float(prior[0] / (0.999 / 23 + 0.001 * prior[0]))
+    assert uniform_start < 0.02  # what the former start gave at the first step
+
+
+def test_distribution_alignment_state_resumes_from_a_checkpoint():
+    da = DistributionAlignment(torch.tensor([1.0, 3.0]))
+    da.update(torch.tensor([[0.9, 0.1]]))
+    again = DistributionAlignment(torch.tensor([1.0, 3.0]))
+    again.load_state_dict(da.state_dict())
+    again.update(torch.tensor([[0.2, 0.8]]))  # an EMA step, not a fresh start
+    assert torch.allclose(
+        again.model_dist, 0.999 * torch.tensor([0.9, 0.1]) + 0.001 * torch.tensor([0.2, 0.8])
+    )
 
 
 def test_ema_equals_naive_average_with_warmup():

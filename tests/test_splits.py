@@ -1,4 +1,5 @@
-"""Experiment splits: validation carve, nested label subsets, the evaluation fold untouched."""
+"""Experiment splits: validation inside the label budget (or not), nested subsets, the evaluation fold
+untouched."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 
 from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.data.classes import ClassTable
-from ssl_kvasir.data.splits import make_split
-from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.data.splits import VAL_POLICIES, make_split, n_validation, rebuild_split
+from ssl_kvasir.errors import ConfigError, DataError
 
 
 def _catalog(counts=(3, 8, 40, 200), n_unlabeled=30, seed=0) -> Catalog:
@@ -28,35 +29,102 @@ def _catalog(counts=(3, 8, 40, 200), n_unlabeled=30, seed=0) -> Catalog:
     return Catalog(root=".", classes=ClassTable.from_names("abcd"), images=images, n_folds=2)
 
 
+def _train_counts(cat: Catalog, eval_fold: int) -> np.ndarray:
+    """Training-fold images per class, counted naively."""
+    return np.array(
+        [
+            sum(
+                1
+                for lab, f in zip(cat.images.label, cat.images.fold, strict=True)
+                if lab == c and f not in (-1, eval_fold)
+            )
+            for c in range(4)
+        ]
+    )
+
+
+@pytest.mark.parametrize("policy", VAL_POLICIES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_parts_are_disjoint_and_eval_fold_untouched(seed):
+def test_parts_are_disjoint_and_eval_fold_untouched(seed, policy):
     cat = _catalog()
-    s = make_split(cat, eval_fold=1, val_fraction=0.2, label_fraction=0.3, seed=seed)
+    s = make_split(cat, eval_fold=1, val_fraction=0.2, label_fraction=0.3, seed=seed, val_policy=policy)
     parts = [s.labeled, s.rest, s.val, s.test, s.unlabeled]
     everything = np.concatenate(parts)
     assert len(everything) == len(set(everything)) == len(cat.images)
     folds = cat.images.fold.to_numpy()
     assert (folds[s.test] == 1).all()
     assert (folds[np.concatenate([s.labeled, s.rest, s.val])] == 0).all()
+    assert s.label_budget == len(s.labeled) + len(s.val)
+    assert (len(s.val) == 0) == (policy == "none")
 
 
-def test_subsets_are_nested_stratified_and_keep_every_class():
+def test_n_validation_is_rounded_half_up_and_leaves_one_for_training():
+    assert [n_validation(b, 0.1) for b in range(0, 26)] == [0] * 5 + [1] * 10 + [2] * 10 + [3]
+    assert [n_validation(b, 0.5) for b in range(6)] == [0, 0, 1, 2, 2, 3]  # 1 -> 0: the one image trains
+    assert [n_validation(b, 0.9) for b in range(5)] == [0, 0, 1, 2, 3]
+    assert all(n_validation(b, 0.0) == 0 for b in range(50))
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.25, 0.5])
+def test_budget_policy_validation_is_inside_the_budget(val_fraction):
     cat = _catalog()
     labels = cat.images.label.to_numpy()
+    available = _train_counts(cat, 0)
+    for f in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0):
+        s = make_split(cat, 0, val_fraction=val_fraction, label_fraction=f, seed=3)
+        budget = np.clip(np.round(f * available), 1, available)  # what a user with fraction f has
+        lb = np.bincount(labels[s.labeled], minlength=4)
+        vl = np.bincount(labels[s.val], minlength=4)
+        assert (lb + vl == budget).all()
+        assert s.label_budget == budget.sum() == len(s.labeled) + len(s.val)
+        # validation: val_fraction of the class's budget, rounded half up, one image left for training
+        naive = [min(int(np.floor(val_fraction * b + 0.5)), b - 1) for b in budget]
+        assert vl.tolist() == naive
+        assert (lb >= 1).all()
+        assert s.record()["label_budget"] == budget.sum()
+
+
+@pytest.mark.parametrize("policy", VAL_POLICIES)
+def test_subsets_are_nested_across_budgets(policy):
+    cat = _catalog()
     fractions = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
-    splits = [make_split(cat, 0, label_fraction=f, seed=3) for f in fractions]
-    for small, big in zip(splits, splits[1:], strict=False):
-        assert set(small.labeled) <= set(big.labeled)
-        assert (small.val == big.val).all()  # the carve does not depend on the fraction
+    splits = [make_split(cat, 0, label_fraction=f, seed=3, val_policy=policy) for f in fractions]
+    per_class = [
+        make_split(cat, 0, label_fraction=None, labels_per_class=n, seed=3, val_policy=policy)
+        for n in (1, 2, 4, 8, 20, 50)
+    ]
+    for series in (splits, per_class):
+        for small, big in zip(series, series[1:], strict=False):
+            assert set(small.labeled) <= set(big.labeled)
+            assert set(small.val) <= set(big.val)
+            assert set(big.rest) <= set(small.rest)
+
+
+def test_fold_policy_carves_validation_outside_the_budget():
+    cat = _catalog()
+    labels = cat.images.label.to_numpy()
+    fractions = [0.01, 0.1, 1.0]
+    splits = [make_split(cat, 0, label_fraction=f, seed=3, val_policy="fold") for f in fractions]
+    for s in splits:
+        assert (s.val == splits[0].val).all()  # the carve does not depend on the budget
+    available = _train_counts(cat, 0)
+    n_val = [min(round(0.1 * n), n - 1) for n in available]
+    assert np.bincount(labels[splits[0].val], minlength=4).tolist() == n_val
     for f, s in zip(fractions, splits, strict=True):
         counts = np.bincount(labels[s.labeled], minlength=4)
-        available = np.bincount(labels[np.concatenate([s.labeled, s.rest])], minlength=4)
-        assert (counts >= 1).all()
-        assert (counts == np.clip(np.round(f * available), 1, available)).all()
-    lpc = [make_split(cat, 0, label_fraction=None, labels_per_class=n, seed=3) for n in (1, 2, 4)]
-    assert set(lpc[0].labeled) <= set(lpc[1].labeled) <= set(lpc[2].labeled)
-    available = np.bincount(labels[np.concatenate([lpc[1].labeled, lpc[1].rest])], minlength=4)
-    assert (np.bincount(labels[lpc[1].labeled], minlength=4) == np.minimum(2, available)).all()
+        left = available - np.array(n_val)
+        assert (counts == np.clip(np.round(f * left), 1, left)).all()
+
+
+def test_none_policy_trains_on_the_whole_budget():
+    cat = _catalog()
+    labels = cat.images.label.to_numpy()
+    s = make_split(cat, 0, label_fraction=None, labels_per_class=4, seed=1, val_policy="none")
+    available = _train_counts(cat, 0)
+    assert np.bincount(labels[s.labeled], minlength=4).tolist() == np.minimum(4, available).tolist()
+    assert len(s.val) == 0 and s.label_budget == len(s.labeled)
+    budget = make_split(cat, 0, label_fraction=None, labels_per_class=4, seed=1)
+    assert set(s.labeled) == set(budget.labeled) | set(budget.val)  # the same labeled images
 
 
 def test_seed_changes_subset_and_repeats():
@@ -64,6 +132,20 @@ def test_seed_changes_subset_and_repeats():
     a, b, c = (make_split(cat, 0, label_fraction=0.1, seed=s) for s in (0, 0, 1))
     assert (a.labeled == b.labeled).all() and (a.val == b.val).all()
     assert set(a.labeled) != set(c.labeled)
+
+
+def test_rebuild_split_from_its_record():
+    cat = _catalog()
+    s = make_split(cat, 1, label_fraction=0.25, seed=5, val_policy="budget")
+    again = rebuild_split(cat, s.record(), source="ckpt")
+    assert (again.labeled == s.labeled).all() and (again.val == s.val).all()
+    other = _catalog(counts=(3, 8, 40, 100))
+    with pytest.raises(
+        DataError, match=r"ckpt: the labeled images cut from this archive differ.*label_budget"
+    ):
+        rebuild_split(other, s.record(), source="ckpt")
+    with pytest.raises(DataError, match=r"ckpt does not record its labeled images \(no val_policy"):
+        rebuild_split(cat, {k: v for k, v in s.record().items() if k != "val_policy"}, source="ckpt")
 
 
 def test_bad_split_requests():
@@ -75,6 +157,8 @@ def test_bad_split_requests():
             make_split(cat, 0, label_fraction=bad)
     with pytest.raises(ConfigError, match="exactly one"):
         make_split(cat, 0, label_fraction=0.5, labels_per_class=3)
+    with pytest.raises(ConfigError, match=r"unknown data.val_policy 'train'; valid: budget, none, fold"):
+        make_split(cat, 0, val_policy="train")
     empty = _catalog(counts=(3, 8, 40, 200))
     empty.images.loc[empty.images.label == 0, "fold"] = 1
     with pytest.raises(ConfigError, match="no training image at all for classes a"):

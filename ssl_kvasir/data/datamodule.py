@@ -323,6 +323,7 @@ class KvasirDataModule(L.LightningDataModule):
             "mean": list(self.mean),
             "std": list(self.std),
             "classes": self.catalog.classes.names,
+            "split": self.split.record(),  # how to cut the labeled images again (analysis kNN)
         }
 
     @property

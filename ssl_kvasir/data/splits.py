@@ -1,19 +1,32 @@
 """Splits for one experiment, cut from a training fold.
 
-The paper's protocol trains on one fold and evaluates on the other. Model selection needs data too: a
-stratified, seeded validation part carved out of the training folds. The evaluation fold is only ever read by
-the final test. Labeled subsets for label-efficiency curves are nested: for one seed, every class is shuffled
-once and a subset takes the first ``n_c`` images of that order, so the 5 % subset contains the 1 % subset.
+The paper's protocol trains on one fold and evaluates on the other; the evaluation fold is only ever read by
+the final test. Model selection needs labeled images too, and where they come from decides what a result at a
+small label budget means. Oliver et al. (2018), "Realistic evaluation of deep semi-supervised learning
+algorithms": "using a validation set which is much larger than the training set ... is unrealistic" (their
+Sec. 3.6). So by default (``val_policy="budget"``) the validation images are part of the label budget: a run at
+fraction f, or at N images per class, has exactly the labeled images that a user with that budget has, split
+into training and validation. ``"none"`` trains on the whole budget and keeps the last weights (the FixMatch
+paper reports its final EMA weights); ``"fold"`` carves validation out of the whole training fold, outside the
+budget (this toolkit's former behaviour, an explicit opt-in).
+
+Labeled subsets are nested: for one seed, every class is shuffled once and a budget takes the first ``n_c``
+images of that order, so the 5 % budget contains the 1 % budget. Under ``budget`` the images of that order are
+also assigned to validation once and for all (every ``1 / val_fraction``-th one), so the training part and
+the validation part are each nested as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ssl_kvasir.data.archive import Catalog
-from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.errors import ConfigError, DataError
+
+VAL_POLICIES = ("budget", "none", "fold")
 
 
 @dataclass(frozen=True)
@@ -22,10 +35,14 @@ class ExperimentSplit:
 
     Attributes:
         labeled: the labeled training subset.
-        rest: the training-fold images left out of the labeled subset (they may join the unlabeled pool).
-        val: the validation part of the training folds (model selection).
+        rest: the training-fold images that are neither labeled training nor validation images (they may join
+            the unlabeled pool).
+        val: the validation images (model selection).
         test: the evaluation fold.
         unlabeled: the archive's unlabeled images.
+        settings: the arguments of :func:`make_split` that cut it (``fold``, ``val_policy``, ``val_fraction``,
+            ``label_fraction``, ``labels_per_class``, ``seed``), so that it can be cut again
+            (:func:`rebuild_split`).
     """
 
     labeled: np.ndarray
@@ -33,6 +50,21 @@ class ExperimentSplit:
     val: np.ndarray
     test: np.ndarray
     unlabeled: np.ndarray
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def label_budget(self) -> int:
+        """Labeled images the run uses in all: training plus validation."""
+        return int(len(self.labeled) + len(self.val))
+
+    def record(self) -> dict:
+        """The settings plus the sizes of the parts: what a checkpoint stores about its labeled images."""
+        return {
+            **self.settings,
+            "label_budget": self.label_budget,
+            "n_labeled": int(len(self.labeled)),
+            "n_val": int(len(self.val)),
+        }
 
 
 def unlabeled_pool(
@@ -69,6 +101,24 @@ def subset_sizes(
     return np.minimum(np.maximum(wanted, 1), available)
 
 
+def n_validation(budget: int, val_fraction: float) -> int:
+    """Validation images among the first ``budget`` images of a class's order under ``val_policy=budget``:
+    ``val_fraction * budget`` rounded half up, leaving at least one image for training.
+
+    It grows by 0 or 1 with the budget, so position ``k`` of the order is a validation image exactly when
+    ``n_validation(k + 1) > n_validation(k)``: a fixed assignment, whatever the budget.
+    """
+    return min(math.floor(budget * val_fraction + 0.5), max(budget - 1, 0))
+
+
+def _budget_parts(order: np.ndarray, budget: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows of one class: the first ``budget`` rows of its order, every position at
+    which :func:`n_validation` steps up going to validation."""
+    steps = np.diff([n_validation(k, val_fraction) for k in range(budget + 1)])  # (budget,) 0 or 1
+    head = order[:budget]
+    return head[steps == 0], head[steps == 1]
+
+
 def make_split(
     catalog: Catalog,
     eval_fold: int,
@@ -76,22 +126,30 @@ def make_split(
     label_fraction: float | None = 1.0,
     labels_per_class: int | None = None,
     seed: int = 0,
+    val_policy: str = "budget",
 ) -> ExperimentSplit:
-    """Cut the training folds of ``catalog`` into validation, labeled subset and rest.
+    """Cut the training folds of ``catalog`` into labeled training images, validation images and rest.
 
     Args:
         catalog: the archive with folds.
         eval_fold: the evaluation fold; every other fold trains.
-        val_fraction: share of each training class held out for model selection (at least one image of a
-            class always stays in training).
-        label_fraction: share of each class's remaining training images that keep their label.
+        val_fraction: ``budget``: the share of each class's labeled budget used for validation (rounded half
+            up; a class whose budget is too small to spare an image keeps all of it for training). ``fold``:
+            the share of each class's training-fold images held out (at least one image stays in training).
+            Unused under ``none``.
+        label_fraction: the label budget, as a share of each class's training-fold images (``fold``: of
+            those left after the validation carve).
         labels_per_class: instead of a fraction, this many labeled images per class.
-        seed: the seed of the validation carve and of the subsets (``data.seed``).
+        seed: the seed of the subsets and of the validation carve (``data.seed``).
+        val_policy: ``budget`` (validation inside the label budget), ``none`` (no validation: the whole
+            budget trains) or ``fold`` (validation from the whole training fold, outside the budget).
 
     Raises:
-        ConfigError: for a fold the split does not have, a fraction outside (0, 1], or classes with no
-            training image at all (named).
+        ConfigError: for an unknown policy, a fold the split does not have, a fraction outside its range, or
+            classes with no training image at all (named).
     """
+    if val_policy not in VAL_POLICIES:
+        raise ConfigError(f"unknown data.val_policy {val_policy!r}; valid: {', '.join(VAL_POLICIES)}")
     if not 0 <= eval_fold < catalog.n_folds:
         raise ConfigError(f"data.fold={eval_fold}, but the split has folds 0..{catalog.n_folds - 1}")
     if not 0 <= val_fraction < 1:
@@ -103,28 +161,79 @@ def make_split(
     train_rows = np.flatnonzero((labels >= 0) & (folds >= 0) & (folds != eval_fold))
     test_rows = np.flatnonzero((labels >= 0) & (folds == eval_fold))
 
-    # Two independent streams, so that the validation carve does not depend on the label fraction.
+    # Two independent streams, so that the fold policy's validation carve does not depend on the budget.
     val_rng, subset_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    val, train = [], []
-    for rows in _per_class_order(labels, train_rows, num_classes, val_rng):
-        n_val = min(int(round(val_fraction * len(rows))), max(len(rows) - 1, 0))
-        val.append(rows[:n_val])
-        train.append(np.sort(rows[n_val:]))
-    available = np.array([len(r) for r in train])
+    val: list[np.ndarray] = []
+    if val_policy == "fold":
+        train = []
+        for rows in _per_class_order(labels, train_rows, num_classes, val_rng):
+            n_val = min(int(round(val_fraction * len(rows))), max(len(rows) - 1, 0))
+            val.append(rows[:n_val])
+            train.append(np.sort(rows[n_val:]))
+        train_rows = np.concatenate(train)
+    available = np.bincount(labels[train_rows], minlength=num_classes)  # (C,)
     empty = [catalog.classes[c].folder for c in np.flatnonzero(available == 0)]
     if empty:
         raise ConfigError(
             f"no training image at all for classes {', '.join(empty)} with fold {eval_fold} held out: "
             "a labeled subset cannot keep one image of every class"
         )
-    sizes = subset_sizes(available, label_fraction, labels_per_class)
-    ordered = _per_class_order(labels, np.concatenate(train), num_classes, subset_rng)
-    labeled = np.sort(np.concatenate([rows[:n] for rows, n in zip(ordered, sizes, strict=True)]))
-    rest = np.sort(np.concatenate([rows[n:] for rows, n in zip(ordered, sizes, strict=True)]))
+    sizes = subset_sizes(available, label_fraction, labels_per_class)  # (C,) the budget of each class
+    ordered = _per_class_order(labels, train_rows, num_classes, subset_rng)
+    labeled = []
+    for rows, n in zip(ordered, sizes, strict=True):
+        if val_policy == "budget":
+            lb, vl = _budget_parts(rows, int(n), val_fraction)
+            labeled.append(lb)
+            val.append(vl)
+        else:
+            labeled.append(rows[:n])
+    rest = [rows[n:] for rows, n in zip(ordered, sizes, strict=True)]
+    empty_rows = np.empty(0, dtype=np.int64)
     return ExperimentSplit(
-        labeled=labeled,
-        rest=rest,
-        val=np.sort(np.concatenate(val)),
+        labeled=np.sort(np.concatenate(labeled)),
+        rest=np.sort(np.concatenate(rest)),
+        val=np.sort(np.concatenate(val)) if val else empty_rows,
         test=test_rows,
         unlabeled=np.flatnonzero(labels < 0),
+        settings={
+            "eval_fold": int(eval_fold),
+            "val_policy": val_policy,
+            "val_fraction": float(val_fraction),
+            "label_fraction": None if label_fraction is None else float(label_fraction),
+            "labels_per_class": None if labels_per_class is None else int(labels_per_class),
+            "seed": int(seed),
+        },
     )
+
+
+def rebuild_split(catalog: Catalog, record: dict, source: str) -> ExperimentSplit:
+    """Cut again the split described by ``record`` (:meth:`ExperimentSplit.record`, e.g. from a checkpoint)
+    and check that it has the sizes recorded.
+
+    Args:
+        catalog: the archive, as loaded for this command.
+        record: the stored settings and sizes.
+        source: what the record came from (named in errors).
+
+    Raises:
+        DataError: when the record lacks settings, or the split cut from this archive does not have the
+            recorded sizes (another archive, split file or data seed).
+    """
+    keys = ("eval_fold", "val_policy", "val_fraction", "label_fraction", "labels_per_class", "seed")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataError(f"{source} does not record its labeled images (no {', '.join(missing)})")
+    split = make_split(catalog, **{k: record[k] for k in keys})
+    found = split.record()
+    differ = [
+        f"{k} {found[k]} (recorded {record[k]})"
+        for k in ("label_budget", "n_labeled", "n_val")
+        if k in record and found[k] != record[k]
+    ]
+    if differ:
+        raise DataError(
+            f"{source}: the labeled images cut from this archive differ from the recorded ones: {', '.join(differ)} "
+            "(another archive, split file or data.seed?)"
+        )
+    return split

@@ -25,7 +25,10 @@ from ssl_kvasir.errors import ConfigError
 HEADS = ("linear", "averaged", "mlp")
 
 
-def _timm_backbone(name: str, pretrained: bool, drop_rate: float, drop_path_rate: float) -> nn.Module:
+def _timm_backbone(name: str, pretrained: bool, drop_path_rate: float) -> nn.Module:
+    """A headless timm model. timm's own ``drop_rate`` stays 0: even without a classifier
+    (``num_classes=0``) timm applies that dropout to the pooled features, and the head of
+    :func:`build_network` applies ``drop_rate`` once more, so a dropout of 0.5 would drop 75 % of them."""
     import timm
 
     if not timm.is_model(name):
@@ -35,7 +38,7 @@ def _timm_backbone(name: str, pretrained: bool, drop_rate: float, drop_path_rate
             + (f", e.g. {', '.join(close)}" if close else "")
             + " (timm.list_models() lists them all)"
         )
-    kwargs = {"num_classes": 0, "drop_rate": drop_rate}
+    kwargs = {"num_classes": 0}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     try:
@@ -144,7 +147,7 @@ def build_network(
         head: ``linear``, ``averaged`` or ``mlp`` (see the module docstring).
         pretrained: load timm's ImageNet weights from the hub (needs the internet).
         weights: local weight file(s), one per part, loaded into the backbone(s) with a key check.
-        drop_rate: dropout before the classifier.
+        drop_rate: dropout on the pooled features, before the classifier (applied once, in the head).
         drop_path_rate: stochastic depth, where the architecture has it.
         mlp_hidden: hidden width of the ``mlp`` head.
     """
@@ -153,7 +156,7 @@ def build_network(
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
     names = [n.strip() for n in name.split("+")]
-    parts = [_timm_backbone(n, pretrained, drop_rate, drop_path_rate) for n in names]
+    parts = [_timm_backbone(n, pretrained, drop_path_rate) for n in names]
     if weights:
         files = [weights] if isinstance(weights, str | Path) else list(weights)
         if len(files) != len(parts):

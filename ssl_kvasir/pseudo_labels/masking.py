@@ -79,6 +79,12 @@ class DistributionAlignment(nn.Module):
     With ``target="labeled"`` p(y) is the class distribution of the labeled set; ``uniform`` pushes the
     pseudo-labels towards balanced classes.
 
+    The running average starts from the first batch's mean prediction, as USB's ``DistAlignEMAHook`` does
+    (its ``p_model`` is None until the first update), not from the uniform distribution: started uniform,
+    p~(y) would take thousands of steps (momentum 0.999) to reach the model's actual predictions, and until
+    then the ratio multiplies a rare class's probabilities by about ``C * p(y)`` (x0.014 for a class of 6 of
+    10,662 images in 23 classes), suppressing exactly the classes alignment exists to protect.
+
     Args:
         target: the (C,) target distribution p(y) (counts or probabilities).
         momentum: of the running average p~(y).
@@ -89,16 +95,29 @@ class DistributionAlignment(nn.Module):
         self.momentum = momentum
         target = target.float() / target.float().sum()
         self.register_buffer("target", target)  # (C,)
-        self.register_buffer("model_dist", torch.full_like(target, 1.0 / len(target)))  # (C,)
+        # p~(y); equal to the target (a ratio of 1) until the first update replaces it.
+        self.register_buffer("model_dist", target.clone())  # (C,)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    def factor(self) -> torch.Tensor:
+        """The (C,) ratio ``p(y) / p~(y)`` that scales the predictions."""
+        # The floor only guards a class whose softmax underflowed to 0 in every prediction so far.
+        return self.target / self.model_dist.clamp_min(1e-8)  # (C,)
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        aligned = probs * self.target / self.model_dist  # (B, C)
+        aligned = probs * self.factor()  # (B, C)
         return aligned / aligned.sum(dim=1, keepdim=True)
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor) -> None:
-        """Fold a step's (B, C) predictions (of every process, under DDP) into the running average."""
-        self.model_dist.mul_(self.momentum).add_(probs.mean(0), alpha=1 - self.momentum)
+        """Fold a step's (B, C) predictions (of every process, under DDP) into the running average; the first
+        step's mean starts it."""
+        mean = probs.float().mean(0)  # (C,)
+        if self.n_updates == 0:
+            self.model_dist.copy_(mean)
+        else:
+            self.model_dist.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+        self.n_updates += 1
 
 
 MASKINGS = ("fixed", "flexmatch")

@@ -73,6 +73,7 @@ def load_experiment(data: DictConfig) -> Experiment:
         label_fraction=data.label_fraction,
         labels_per_class=data.labels_per_class,
         seed=data.seed,
+        val_policy=data.val_policy,
     )
     return Experiment(catalog, split, cache)
 

@@ -277,6 +277,8 @@ def make_results(
         "data_seed": cfg.data.seed,
         "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
         "labels_per_class": cfg.data.labels_per_class,
+        "val_policy": exp.split.settings["val_policy"],
+        "label_budget": exp.split.label_budget,  # labeled images used in all: training + validation
         "n_labeled": int(len(exp.split.labeled)),
         "n_unlabeled": int(
             len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))

@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 
 from ssl_kvasir.config import require
-from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write_json, atomic_write_text
 from ssl_kvasir.run.checkpoint import load_method
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
@@ -31,6 +31,7 @@ class Analysis:
 
     store: object  # ssl_kvasir.analysis.embeddings.Embeddings
     eval_fold: int
+    database_rows: np.ndarray | None = None  # the kNN database (None: every labeled training-fold image)
     knn_probs: np.ndarray | None = None  # (N, C) for every row that is not a labeled training image
     knn_metrics: dict = field(default_factory=dict)
     clusters: np.ndarray | None = None  # (N,)
@@ -40,7 +41,10 @@ class Analysis:
 
     @property
     def train_rows(self) -> np.ndarray:
-        """Rows of the labeled training-fold images: the kNN database (never the evaluation fold)."""
+        """Rows of the kNN database (never the evaluation fold): ``database_rows``, by default the
+        checkpoint's own labeled images (:func:`knn_database`), or every labeled training-fold image."""
+        if self.database_rows is not None:
+            return self.database_rows
         s = self.store
         return np.flatnonzero((s.labels >= 0) & (s.folds >= 0) & (s.folds != self.eval_fold))
 
@@ -78,13 +82,41 @@ def load_checkpoint_and_data(cfg: DictConfig):
             cfg.data.image_size = module.data_settings.get("image_size", 224)
     exp = load_experiment(cfg.data)
     if module.num_classes != len(exp.catalog.classes):
-        from ssl_kvasir.errors import DataError
-
         raise DataError(
             f"checkpoint {cfg.checkpoint} has {module.num_classes} classes, the data at {cfg.data.root} has "
             f"{len(exp.catalog.classes)}"
         )
     return module, exp
+
+
+def knn_database(cfg: DictConfig, module, exp) -> np.ndarray | None:
+    """Catalog rows of the kNN database: with ``knn.database=budget`` the labeled images the checkpoint was
+    trained with (training and validation images of its label budget, cut again from the settings it stored),
+    so that a kNN vote never uses labels the run did not have; None (every labeled training-fold image) with
+    ``knn.database=all``.
+
+    Raises:
+        ConfigError: for another ``knn.database``, or an evaluation fold other than the checkpoint's.
+        DataError: when the checkpoint does not record its labeled images, or they cannot be cut again here.
+    """
+    from ssl_kvasir.data.splits import rebuild_split
+
+    if cfg.knn.database == "all":
+        return None
+    if cfg.knn.database != "budget":
+        raise ConfigError(f"unknown knn.database {cfg.knn.database!r}; valid: budget, all")
+    record = module.data_settings.get("split", {})
+    source = f"checkpoint {cfg.checkpoint}"
+    if record.get("eval_fold", cfg.data.fold) != cfg.data.fold:
+        raise ConfigError(
+            f"data.fold={cfg.data.fold}, but {source} was trained with fold {record['eval_fold']} held out: "
+            f"pass data.fold={record['eval_fold']} (or knn.database=all)"
+        )
+    try:
+        split = rebuild_split(exp.catalog, record, source)
+    except DataError as e:
+        raise DataError(f"{e}; knn.database=all uses every labeled training image instead") from None
+    return np.sort(np.concatenate([split.labeled, split.val]))
 
 
 def embed(cfg: DictConfig, module=None, exp=None):
@@ -161,7 +193,6 @@ def neighbours(cfg: DictConfig, analysis: Analysis, classes, path: Path) -> Path
     import pandas as pd
 
     from ssl_kvasir.analysis.knn import nearest_labeled
-    from ssl_kvasir.errors import DataError
 
     s = analysis.store
     row_of = {p: i for i, p in enumerate(s.paths)} | {Path(p).name: i for i, p in enumerate(s.paths)}
@@ -258,7 +289,11 @@ def analyze(cfg: DictConfig) -> Analysis:
     module, exp = load_checkpoint_and_data(cfg)
     classes = exp.catalog.classes
     out = _out_dir(cfg)
-    analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
+    analysis = Analysis(
+        store=embed(cfg, module, exp),
+        eval_fold=cfg.data.fold,
+        database_rows=knn_database(cfg, module, exp),
+    )
     analysis.outputs["embeddings"] = store_dir(cfg)
     run_knn(cfg, analysis)
     if cfg.knn.neighbours_of:
@@ -309,6 +344,8 @@ def analyze(cfg: DictConfig) -> Analysis:
             "n_images": len(s),
             "n_unlabeled": int((s.labels < 0).sum()),
             "knn_check": analysis.knn_metrics,
+            "knn_database": cfg.knn.database,
+            "knn_database_images": int(len(analysis.train_rows)),
             "n_clusters": int(analysis.clusters.max() + 1) if analysis.clusters is not None else None,
             "outputs": {k: str(v) for k, v in analysis.outputs.items()},
         },
@@ -322,7 +359,11 @@ def export_pseudo_labels(cfg: DictConfig) -> Path:
     """Embeddings (reused when present), kNN (and clusters with ``cluster.export``), then the selected
     pseudo-label CSV."""
     module, exp = load_checkpoint_and_data(cfg)
-    analysis = Analysis(store=embed(cfg, module, exp), eval_fold=cfg.data.fold)
+    analysis = Analysis(
+        store=embed(cfg, module, exp),
+        eval_fold=cfg.data.fold,
+        database_rows=knn_database(cfg, module, exp),
+    )
     run_knn(cfg, analysis)
     if cfg.cluster.export:
         run_clusters(cfg, analysis)
