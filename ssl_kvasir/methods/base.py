@@ -27,10 +27,12 @@ from typing import Any, ClassVar, Protocol
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 
 from ssl_kvasir.errors import SslKvasirError
+from ssl_kvasir.losses import logit_adjusted_cross_entropy
 from ssl_kvasir.models import EMA, Network
 
 # Strategy objects (masking, alignment, priors) are constructor arguments and modules: their state is saved in
@@ -40,6 +42,7 @@ warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `n
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 EVAL_WEIGHTS = ("ema", "model")
+LABELED_LOSSES = ("ce", "logit_adjusted")
 
 
 class TrainingDiverged(SslKvasirError):
@@ -118,6 +121,8 @@ class BaseMethod(L.LightningModule):
         eval_weights: ``ema`` or ``model``: which weights validation, test and prediction use.
         seed: re-seeds the random generators at every epoch start, so a resumed run repeats an
             uninterrupted one.
+        loss: the labeled loss, ``ce`` or ``logit_adjusted`` (Menon et al. 2021; see :meth:`labeled_loss`).
+        la_tau: strength tau of the logit adjustment.
     """
 
     name: ClassVar[str] = "base"
@@ -144,8 +149,14 @@ class BaseMethod(L.LightningModule):
         ema_warmup: bool = True,
         eval_weights: str = "ema",
         seed: int = 0,
+        loss: str = "ce",
+        la_tau: float = 1.0,
     ):
         super().__init__()
+        if loss not in LABELED_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LABELED_LOSSES)}")
+        if loss == "logit_adjusted" and labeled_class_counts is None:
+            raise ValueError("loss=logit_adjusted needs labeled_class_counts (the labeled class prior)")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if schedule not in SCHEDULES:
@@ -166,6 +177,8 @@ class BaseMethod(L.LightningModule):
             del self.hparams[key], self._hparams_initial[key]
         self.model = network
         self.num_classes = len(class_names)
+        counts = torch.tensor(labeled_class_counts or [1] * self.num_classes, dtype=torch.float)
+        self.register_buffer("labeled_prior", counts / counts.sum(), persistent=False)  # (C,)
         # Made by configure_model, once the subclass has added its own modules.
         self.ema: EMA | None = None
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -262,6 +275,23 @@ class BaseMethod(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self._live_modules())
+
+    def labeled_loss(
+        self, logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The labeled loss named by ``loss``: cross-entropy, or the logit-adjusted cross-entropy of
+        ``logits + la_tau * log prior`` (Menon et al. 2021), whose raw logits then predict balanced classes.
+
+        Args:
+            logits: (B, C).
+            y: (B,) labels.
+            prior: (C,) the class prior to adjust by; the labeled set's by default (a method that estimates
+                the training prior, such as SimPro, passes its own).
+        """
+        if self.hparams.loss == "ce":
+            return F.cross_entropy(logits, y)
+        prior = self.labeled_prior if prior is None else prior
+        return logit_adjusted_cross_entropy(logits, y, prior, tau=self.hparams.la_tau)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of every process, concatenated along the batch (``x`` itself on one process)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssl_kvasir.losses import masked_cross_entropy
@@ -93,7 +92,7 @@ class FixMatch(BaseMethod):
         self.masking.update(self.gather(probs_w), self.gather(idx_ulb))
         pseudo = probs_w.argmax(1)  # (mu B,)
 
-        loss_x = F.cross_entropy(logits_lb, y_lb)
+        loss_x = self.labeled_loss(logits_lb, y_lb)
         loss_u = masked_cross_entropy(logits_ulb_s, pseudo, mask)
         loss = loss_x + self.hparams.lambda_u * loss_u
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ssl_kvasir.methods.base import BaseMethod
 
 
 class Supervised(BaseMethod):
-    """Cross-entropy on the weakly augmented labeled stream."""
+    """The labeled loss (cross-entropy, or logit-adjusted with ``loss=logit_adjusted``) on the weakly augmented
+    labeled stream."""
 
     name = "supervised"
     labeled_views = ("weak",)
 
     def training_step(self, batch: dict, batch_idx: int):
         x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
-        loss = F.cross_entropy(self.model(x_lb), y_lb)
+        loss = self.labeled_loss(self.model(x_lb), y_lb)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+ANCHORS = ("consistent", "uniform", "reversed")
+"""ACR's anchor distributions for the unlabeled class mix, in the order of :func:`anchor_distributions`."""
+
 EPS = 1e-12
 """Smallest share a prior takes inside a logarithm (the reference implementations' ``+ 1e-12``)."""
 

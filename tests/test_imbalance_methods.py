@@ -1,0 +1,281 @@
+"""ACR, SimPro and the logit-adjusted labeled loss: their steps against naive formulas, and fits through the real
+CLI on a generated archive (results, logged priors, kill-and-resume)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_kvasir.cli import main
+from ssl_kvasir.methods import METHODS
+from ssl_kvasir.models import build_network
+
+C = 5
+COUNTS = [8, 4, 2, 1, 1]
+
+
+def _method(name: str, **extra):
+    datamodule = SimpleNamespace(
+        streams={
+            "lb": SimpleNamespace(labels=np.repeat(np.arange(C), COUNTS)),
+            "ulb": SimpleNamespace(rows=np.arange(40)),
+        },
+        num_classes=C,
+    )
+    cls = METHODS[name]
+    config = {**cls.data_kwargs(datamodule), **extra}
+    module = cls.from_config(
+        build_network("test_resnet", C), class_names=list("abcde"), max_steps=10, **config
+    )
+    module.configure_model()
+    return module.train()
+
+
+def _batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "lb": {"weak": torch.randn(4, 3, 32, 32, generator=g), "label": torch.tensor([0, 1, 3, 4])},
+        "ulb": {
+            "weak": torch.randn(8, 3, 32, 32, generator=g),
+            "strong": torch.randn(8, 3, 32, 32, generator=g),
+            "pos": torch.arange(8),
+            "label": torch.full((8,), -1),
+        },
+    }
+
+
+def _naive_ce(logits: list[float], target: list[float]) -> float:
+    """-sum_c target_c log softmax(logits)_c."""
+    log_norm = math.log(sum(math.exp(v) for v in logits))
+    return sum(t * (log_norm - v) for t, v in zip(target, logits, strict=True))
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    m = max(logits)
+    e = [math.exp(v - m) for v in logits]
+    return [v / sum(e) for v in e]
+
+
+def _one_hot(k: int) -> list[float]:
+    return [float(c == k) for c in range(C)]
+
+
+def test_supervised_logit_adjusted_loss_is_menon_et_al():
+    module = _method("supervised", loss="logit_adjusted", la_tau=1.5)
+    batch = _batch()
+    loss = module.training_step(batch, 0)
+    logits = module.model(batch["lb"]["weak"]).tolist()
+    prior = [n / sum(COUNTS) for n in COUNTS]
+    expected = np.mean(
+        [
+            _naive_ce([z + 1.5 * math.log(p) for z, p in zip(row, prior, strict=True)], _one_hot(int(y)))
+            for row, y in zip(logits, batch["lb"]["label"], strict=True)
+        ]
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert _method("supervised").training_step(batch, 0).item() != pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        _method("supervised", loss="focal")
+
+
+def test_simpro_step_matches_the_naive_em_losses():
+    """Posterior under pi_u, soft targets above the threshold, losses adjusted by the training prior, the
+    labeled loss scaled by |U| / (mu |L|)."""
+    module = _method("simpro", loss="logit_adjusted", la_tau=2.0, threshold=0.3)
+    # A prior state as after some epochs, so that both adjustments matter.
+    module.prior.unlabeled_prior.copy_(torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3]))
+    module.prior.train_prior.copy_(torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1]))
+    batch = _batch(1)
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        x = torch.cat([batch["lb"]["weak"], batch["ulb"]["weak"], batch["ulb"]["strong"]])
+        z_lb, z_w, z_s = (t.tolist() for t in module.model(x).split([4, 8, 8]))
+    pi_u, pi = module.prior.unlabeled_prior.tolist(), module.prior.train_prior.tolist()
+    loss_x = np.mean(
+        [
+            _naive_ce([v + 2 * math.log(p) for v, p in zip(row, pi, strict=True)], _one_hot(int(y)))
+            for row, y in zip(z_lb, batch["lb"]["label"], strict=True)
+        ]
+    )
+    loss_x *= (8 * sum(COUNTS)) / (4 * 40)  # n_ulb |L| / (n_lb |U|)
+    terms, masses = [], np.zeros(C)
+    for w, s in zip(z_w, z_s, strict=True):
+        q = _softmax([v + 2 * math.log(p) for v, p in zip(w, pi_u, strict=True)])
+        keep = max(q) >= 0.3
+        masses += np.array(q) * keep
+        terms.append(keep * _naive_ce([v + 2 * math.log(p) for v, p in zip(s, pi, strict=True)], q))
+    assert loss.item() == pytest.approx(loss_x + np.mean(terms), rel=1e-4)
+    np.testing.assert_allclose(module.prior.unlabeled_mass.numpy(), masses, rtol=1e-5)
+    assert module.prior.labeled_seen.tolist() == [1, 1, 0, 1, 1]
+
+
+def test_acr_step_matches_the_naive_two_head_losses_and_predicts_with_the_balanced_head():
+    module = _method("acr", threshold=0.3, tau_balanced=2.0, tau_pseudo_balanced=1.0, est_epoch=-1)
+    module.adjustment.tau.fill_(0.5)
+    batch = _batch(2)
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        x = torch.cat([batch["lb"]["weak"], batch["ulb"]["weak"], batch["ulb"]["strong"]])
+        features = module.model.backbone(x)
+        z_lb, z_w, z_s = (t.tolist() for t in module.model.head(features).split([4, 8, 8]))
+        b_lb, b_w, b_s = (t.tolist() for t in module.balanced_head(features).split([4, 8, 8]))
+    log_p = [math.log(n / sum(COUNTS)) for n in COUNTS]
+    y = [int(v) for v in batch["lb"]["label"]]
+    loss_x = np.mean([_naive_ce(row, _one_hot(k)) for row, k in zip(z_lb, y, strict=True)])
+    loss_x_b = np.mean(
+        [
+            _naive_ce([v + 2 * lp for v, lp in zip(row, log_p, strict=True)], _one_hot(k))
+            for row, k in zip(b_lb, y, strict=True)
+        ]
+    )
+    loss_u, loss_u_b, hist = [], [], np.zeros(C)
+    for w, wb, s, sb in zip(z_w, b_w, z_s, b_s, strict=True):
+        adjusted = _softmax([v - 0.5 * lp for v, lp in zip(w, log_p, strict=True)])
+        keep = max(adjusted) >= 0.3 or max(_softmax(w)) >= 0.3
+        loss_u.append(keep * _naive_ce(s, _one_hot(int(np.argmax(adjusted)))))
+        adjusted_b = _softmax([v - 1.0 * lp for v, lp in zip(w, log_p, strict=True)])
+        keep_b = max(adjusted_b) >= 0.3 or max(_softmax(wb)) >= 0.3
+        loss_u_b.append(keep_b * _naive_ce(sb, _one_hot(int(np.argmax(adjusted_b)))))
+        if max(_softmax(wb)) >= 0.3:
+            hist[int(np.argmax(wb))] += 1
+    expected = loss_x + loss_x_b + np.mean(loss_u) + np.mean(loss_u_b)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # The step's confident balanced predictions moved the estimate: p_u = 0.99 * uniform + 0.01 * histogram.
+    expected_prior = 0.99 * np.full(C, 1 / C) + 0.01 * hist / hist.sum()
+    np.testing.assert_allclose(module.adjustment.unlabeled_prior.numpy(), expected_prior, rtol=1e-5)
+    loss.backward()
+    assert module.balanced_head.weight.grad is not None and module.balanced_head.weight.grad.abs().sum() > 0
+    # The balanced head is averaged by the EMA and is the one that predicts.
+    assert set(module.trainable_modules()) == {"model", "balanced_head"}
+    module.eval()
+    with torch.no_grad():
+        x = batch["lb"]["weak"]
+        _, logits = module.predict_batch(x)
+        ema = module.ema.module
+        assert torch.allclose(logits, ema["balanced_head"](ema["model"].backbone(x)))
+
+
+@pytest.mark.parametrize("name", ["acr", "simpro"])
+def test_priors_are_state_that_a_checkpoint_restores(name, tmp_path):
+    module = _method(name)
+    state = module.adjustment if name == "acr" else module.prior
+    state.unlabeled_prior.copy_(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]))
+    torch.save(module.state_dict(), tmp_path / "state.pt")
+    fresh = _method(name)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert fresh.unlabeled_prior == pytest.approx({"a": 0.5, "b": 0.2, "c": 0.1, "d": 0.1, "e": 0.1})
+
+
+TINY = [
+    "trainer.max_steps=6",
+    "data.steps_per_epoch=2",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.mu=2",
+    "data.num_workers=0",
+    "data.val_fraction=0.2",
+    "backbone.name=test_resnet",
+    "logger=csv",
+    "trainer.progress_bar=false",
+]
+# Every pseudo-label counts from the first epoch on, so that the priors move within a few steps.
+EAGER = {"acr": ["method.threshold=0.0", "method.est_epoch=-1"], "simpro": ["method.threshold=0.0"]}
+
+
+def _data(archive) -> list[str]:
+    return [f"data.root={archive}", f"data.split_file={archive / '2_fold_split.csv'}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["acr", "simpro"])
+def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
+    out = tmp_path / name
+    assert (
+        main(["fit", f"method={name}", f"output_dir={out}", *_data(synth_archive), *TINY, *EAGER[name]]) == 0
+    )
+    r = json.loads((out / "results.json").read_text())
+    assert r["method"] == name and r["metrics"]["macro_f1"] >= 0
+    prior = r["unlabeled_prior"]
+    assert list(prior) == r["classes"] and len(prior) == 23
+    assert sum(prior.values()) == pytest.approx(1.0, abs=1e-5) and min(prior.values()) >= 0
+    # Logged at every epoch start; after an epoch of pseudo-labels the estimate has left the uniform start.
+    with (out / "logs" / "metrics.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get(f"train/unlabeled_prior/{r['classes'][0]}")]
+    assert len(rows) == 3  # 6 steps, 2 per epoch
+    shares = [[float(row[f"train/unlabeled_prior/{c}"]) for c in r["classes"]] for row in rows]
+    assert shares[0] == pytest.approx([1 / 23] * 23)
+    assert shares[-1] != pytest.approx([1 / 23] * 23, abs=1e-4)
+    assert sum(shares[-1]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["acr", "simpro"])
+def test_killed_fit_resumes_to_the_same_priors_and_results(synth_archive, tmp_path, name):
+    """The priors' running sums live in the checkpoint and are folded in at epoch starts: a fit killed after its
+    first checkpoint and started again ends with the weights, priors and metrics of an uninterrupted one."""
+    import test_resume as resume
+
+    args = [f"method={name}", *EAGER[name]]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    base = [a for a in resume.FIT_ARGS if not a.startswith("method=")]
+
+    def command(out):
+        return [
+            *resume.fit_command(synth_archive, out)[:4],
+            *_data(synth_archive),
+            f"output_dir={out}",
+            *base,
+            *args,
+        ]
+
+    resume.run_to_end(command(straight), tmp_path / "straight.log")
+    step = resume.kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
+    assert 0 < step < resume.TOTAL_STEPS
+    resume.run_to_end(command(killed), tmp_path / "killed.log")
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert b["metrics"] == a["metrics"] and b["confusion_matrix"] == a["confusion_matrix"]
+    assert b["unlabeled_prior"] == a["unlabeled_prior"]
+    assert a["unlabeled_prior"] != pytest.approx(dict.fromkeys(a["classes"], 1 / 23), abs=1e-4)
+    sa, sb = resume.final_state(straight), resume.final_state(killed)
+    assert sa.keys() == sb.keys()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert any("unlabeled_prior" in k for k in sa)
+
+
+@pytest.mark.slow
+def test_supervised_logit_adjusted_with_class_balanced_sampler_fits(synth_archive, tmp_path):
+    out = tmp_path / "la"
+    args = [
+        "method=supervised",
+        "method.loss=logit_adjusted",
+        "method.la_tau=1.0",
+        "data.sampler=class_balanced",
+    ]
+    assert main(["fit", *args, f"output_dir={out}", *_data(synth_archive), *TINY]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert (
+        r["config"]["method"]["loss"] == "logit_adjusted"
+        and r["config"]["data"]["sampler"] == "class_balanced"
+    )
+    assert r["unlabeled_prior"] is None
+    assert np.array(r["confusion_matrix"]).sum() == r["n_test"]
+
+
+def test_logit_adjusted_gradient_matches_autograd_free_formula():
+    """d/dz of the adjusted CE is softmax(z + tau log pi) - onehot(y): the offset shifts the gradient."""
+    z = torch.randn(3, C, requires_grad=True)
+    y = torch.tensor([0, 2, 4])
+    prior = torch.tensor(COUNTS, dtype=torch.float)
+    from ssl_kvasir.losses import logit_adjusted_cross_entropy
+
+    logit_adjusted_cross_entropy(z, y, prior, tau=1.0, reduction="sum").backward()
+    expected = F.softmax(z.detach() + (prior / prior.sum()).log(), 1) - F.one_hot(y, C)
+    assert torch.allclose(z.grad, expected, atol=1e-6)
