@@ -128,6 +128,8 @@ def build_datamodule(
         num_workers=d.num_workers,
         cache=exp.cache,
         strong_color=d.strong_color,
+        strong_policy=d.strong_policy,
+        sampler=d.sampler,
         seed=d.seed,
     )
 
