@@ -230,3 +230,42 @@ def test_missing_run_folder_and_mixed_system(runs: Path, tmp_path: Path, capsys)
     _write(runs / "odd", _results("supervised", "resnet18", 0, 0.1, seed=5, system="ensemble-avg"))
     with pytest.raises(DataError, match="mixes backbones"):
         write_report([runs], tmp_path / "out")
+
+
+def test_rare_class_recall_beside_macro_and_micro_scores(runs: Path, tmp_path: Path) -> None:
+    """The ten rarest classes (fewest evaluation images over all systems) and each system's recall on them,
+    checked against a naive loop over the summed confusion matrices."""
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    summed = {
+        "supervised-resnet50": np.array(_confusion(1)) + np.array(_confusion(2)),
+        "ensemble-avg": np.array(_confusion(10)) + np.array(_confusion(11)),
+    }
+    support = [sum(int(cm[c].sum()) for cm in summed.values()) for c in range(23)]
+    rarest = sorted(range(23), key=lambda c: (support[c], c))[:10]
+    with (out / "rare_classes.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 10
+    for row in rows:
+        c = rarest[int(row["rank"]) - 1]
+        assert row["class"] == NAMES[c] and int(row["support"]) == support[c]
+        cm = summed[row["system"]]
+        expected = cm[c, c] / cm[c].sum() if cm[c].sum() else None
+        assert (
+            (row["recall"] == "")
+            if expected is None
+            else float(row["recall"]) == pytest.approx(expected, abs=1e-4)
+        )
+
+    markdown = (out / "table3.md").read_text()
+    assert "## Recall of the 10 rarest classes" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| system | macro R"))
+    assert f"{NAMES[rarest[0]]} ({support[rarest[0]]})" in header and "mean recall, 10 rarest" in header
+    row = [line for line in markdown.splitlines() if line.startswith("| ensemble-avg |")][-1]  # below Table 3
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    cm = summed["ensemble-avg"]
+    recalls = [cm[c, c] / cm[c].sum() for c in rarest if cm[c].sum()]
+    # Scores beside it: macro R, macro F1, micro F1, MCC of folds 0.70 / 0.80 (base + 0.01 * position).
+    assert [float(v) for v in cells[1:5]] == pytest.approx([0.76, 0.77, 0.80, 0.81])
+    assert float(cells[5]) == pytest.approx(np.mean(recalls), abs=1e-3)
+    assert [float(v) for v in cells[6:] if v != "-"] == pytest.approx(recalls, abs=1e-3)

@@ -295,6 +295,8 @@ def make_results(
         if val
         else "last checkpoint (no validation images)",
         "per_class": per_class_report(test["confusion_matrix"], names),
+        # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.
+        "unlabeled_prior": getattr(module, "unlabeled_prior", None),
         "confusion_matrix": np.asarray(test["confusion_matrix"]).tolist(),
         "checkpoint": str(checkpoint),
         "group": cfg.logger.get("group") or run_group(cfg),
