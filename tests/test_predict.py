@@ -73,12 +73,16 @@ class Images(Dataset):
         g = torch.Generator().manual_seed(i)
         return {"eval": torch.randn(3, 8, 8, generator=g), "index": i}
 
+class Source:  # the two calls of a DataModule that prediction makes, over generated images
+    def loader(self, rows, device_views): return DataLoader(Images(len(rows)), batch_size=256)
+    def transfer(self, batch, device): return batch
+
 n = int(sys.argv[1])
 module = METHODS["supervised"].from_config(build_network("test_resnet", 23), class_names=[str(c) for c in range(23)])
 predictor = Predictor(module, torch.device("cpu"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 seen = 0
-for probs, features in predictor.batches(DataLoader(Images(n), batch_size=256), features=True):
+for probs, features in predictor.batches(Source(), np.arange(n), features=True):
     seen += len(features)  # consumed and dropped, as the embedding writer does
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(seen, (after - before) * 1024, features.shape[1])

@@ -85,15 +85,14 @@ class Predictor:
 
     @torch.inference_mode()
     def batches(
-        self, loader, features: bool = False, what: str = "predicting"
+        self, datamodule, rows: np.ndarray, features: bool = False, what: str = "predicting"
     ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """For each batch of ``loader``: probabilities (B, C) float32 and, if ``features``, features (B, D)
-        float32 (None otherwise). A progress bar on a terminal, a closing log line otherwise."""
-        total = len(loader.dataset)
-        with _progress(what, total) as advance:
-            for batch in loader:
-                batch = self.module.on_after_batch_transfer(_to(batch, self.device), 0)
-                x = batch["eval"]
+        """For each batch of catalog ``rows`` (in order): probabilities (B, C) float32 and, if ``features``,
+        features (B, D) float32 (None otherwise). Workers decode; the ``eval`` view is made on the device, as in
+        training. A progress bar on a terminal, a closing log line otherwise."""
+        with _progress(what, len(rows)) as advance:
+            for batch in datamodule.loader(rows, device_views=True):
+                x = datamodule.transfer(batch, self.device)["eval"]  # (B, 3, H, W)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -102,19 +101,10 @@ class Predictor:
                 yield probs, (f.float().cpu().numpy() if features else None)
                 advance(len(x))
 
-    def probs(self, loader, what: str = "predicting") -> np.ndarray:
-        """(N, C) probabilities of every image of ``loader`` (N x C floats: features are not kept)."""
-        out = [p for p, _ in self.batches(loader, what=what)]
-        n_classes = self.module.num_classes
-        return np.concatenate(out) if out else np.empty((0, n_classes), np.float32)
-
-
-def _to(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
+    def probs(self, datamodule, rows: np.ndarray, what: str = "predicting") -> np.ndarray:
+        """(N, C) probabilities of catalog ``rows`` (N x C floats: features are not kept)."""
+        out = [p for p, _ in self.batches(datamodule, rows, what=what)]
+        return np.concatenate(out) if out else np.empty((0, self.module.num_classes), np.float32)
 
 
 class _progress:

@@ -149,7 +149,7 @@ def embed(cfg: DictConfig, module=None, exp=None):
     dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     dm.eval_batch_size = cfg.embed.batch_size
     predictor = Predictor.from_config(module, cfg.trainer)
-    for probs, features in predictor.batches(dm.loader(rows), features=True, what="embedding"):
+    for probs, features in predictor.batches(dm, rows, features=True, what="embedding"):
         writer.add(features, probs)
     writer.finalize(extra={"image_size": cfg.data.image_size, "precision": str(cfg.trainer.precision)})
     return load_embeddings(store, expected_paths=list(images.path))
