@@ -34,7 +34,18 @@ REFERENCE_LABEL = "paper: DenseNet-161, 100 % labels"
 FRACTION, PER_CLASS = "label_fraction", "labels_per_class"
 """The two kinds of label budget, named by their ``results.json`` field."""
 
-RUN_COLUMNS = ["path", "method", "backbone", "budget_kind", "budget", "fold", "seed", "data_seed"]
+RUN_COLUMNS = [
+    "path",
+    "method",
+    "backbone",
+    "budget_kind",
+    "budget",
+    "fold",
+    "seed",
+    "data_seed",
+    "protocol",
+    "val_policy",
+]
 
 
 def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
@@ -75,6 +86,9 @@ def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
         "fold": fold,
         "seed": seed,
         "data_seed": data_seed,
+        # Runs written before these were recorded: the protocol is unknown, validation came from the fold.
+        "protocol": results.get("protocol") or "unrecorded",
+        "val_policy": results.get("val_policy") or "fold",
     }
     for key in metrics:
         if key not in scores:
@@ -124,6 +138,9 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS) -> pd.
             "n": grouped.size(),
             "folds": grouped["fold"].agg(lambda s: " ".join(map(str, sorted(set(s))))),
             "seeds": grouped["seed"].agg(lambda s: " ".join(map(str, sorted(set(s))))),
+            # Which protocol and validation policy produced the point (two names: it mixes them).
+            "protocol": grouped["protocol"].agg(lambda s: " ".join(sorted(set(s)))),
+            "val_policy": grouped["val_policy"].agg(lambda s: " ".join(sorted(set(s)))),
         }
     ).join(stats)
     out = out.reset_index()
@@ -165,6 +182,17 @@ def render_markdown(
     if n_runs is not None:
         intro = f"{n_runs} runs. " + intro
     lines.append(intro + ".")
+    protocols = sorted({p for cell in summary.protocol for p in cell.split()})
+    policies = sorted({p for cell in summary.val_policy for p in cell.split()})
+    mixed = len(protocols) > 1 or len(policies) > 1
+    lines.append(
+        f"Protocol: {', '.join(protocols)}; validation: {', '.join(policies)}"
+        + (
+            " (mixed: the protocol and val_policy columns of the CSV say which runs are which)."
+            if mixed
+            else "."
+        )
+    )
     if reference:
         figures = ", ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in reference.items())
         lines.append(

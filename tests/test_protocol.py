@@ -189,3 +189,28 @@ def test_paper_protocol_is_the_table3_one():
         cfg = compose("fit", ["data.root=/d", "output_dir=/o", f"method={method}"])
         assert cfg.protocol == "matched" and cfg.data.val_policy == "budget"
         assert (cfg.method.lr, cfg.method.schedule, cfg.method.eval_weights) == (0.03, "cosine", "ema")
+
+
+def test_curves_say_which_protocol_and_validation_policy_made_each_point(tmp_path):
+    from ssl_kvasir.curves import load_runs, render_markdown, summarize
+
+    def write(name: str, seed: int, **fields) -> None:
+        results = {"method": "fixmatch", "backbone": "test_resnet", "fold": 0, "seed": seed}
+        results |= {"label_fraction": 0.1, "labels_per_class": None, "metrics": {"mcc": 0.5}, **fields}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+
+    write("a", 0, protocol="matched", val_policy="budget")
+    write("b", 1, protocol="matched", val_policy="budget")
+    summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
+    assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (["matched"], ["budget"])
+    assert "Protocol: matched; validation: budget." in render_markdown(summary, ["mcc"])
+    write("c", 2)  # written before either was recorded: validation came from the whole fold
+    summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
+    assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (
+        ["matched unrecorded"],
+        ["budget fold"],
+    )
+    assert "Protocol: matched, unrecorded; validation: budget, fold (mixed" in render_markdown(
+        summary, ["mcc"]
+    )
