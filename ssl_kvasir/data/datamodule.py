@@ -159,12 +159,24 @@ class EpochSampler(Sampler[tuple[int, int]]):
         seed: the stream's seed.
         epoch_fn: reads the current epoch when an epoch's iterator is made (the trainer's epoch, which a
             resumed run restores); without it, the epoch given to :meth:`set_epoch`.
+        skip_fn: reads, when an epoch's iterator is made, how many of this process's items of the epoch were
+            already trained on (non-zero only for a run resumed from a checkpoint written mid-epoch, see
+            ``run.preempt``); those are left out, so the resumed epoch serves what the interrupted one had
+            left. The order and seeds of the items served do not change.
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int, epoch_fn: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        n: int,
+        num_samples: int,
+        seed: int,
+        epoch_fn: Callable[[], int] | None = None,
+        skip_fn: Callable[[], int] | None = None,
+    ):
         if n == 0:
             raise ValueError("cannot sample from an empty set")
         self.n, self.num_samples, self.seed, self.epoch, self.epoch_fn = n, num_samples, seed, 0, epoch_fn
+        self.skip_fn = skip_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -181,7 +193,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         total = self.num_samples * world
         order = self.order(total, g)  # (total,)
         base = (self.seed * 1_000_003 + epoch) * 10_000_019
-        return iter((int(order[k]), (base + k) % 2**63) for k in range(rank, total, world))
+        skip = self.skip_fn() if self.skip_fn is not None else 0  # items of this process already trained on
+        return iter((int(order[k]), (base + k) % 2**63) for k in range(rank + skip * world, total, world))
 
     def order(self, total: int, g: torch.Generator) -> torch.Tensor:
         """``total`` positions for one epoch of all processes: reshuffled passes over the ``n`` items."""
@@ -200,9 +213,14 @@ class ClassBalancedSampler(EpochSampler):
     """
 
     def __init__(
-        self, labels: np.ndarray, num_samples: int, seed: int, epoch_fn: Callable[[], int] | None = None
+        self,
+        labels: np.ndarray,
+        num_samples: int,
+        seed: int,
+        epoch_fn: Callable[[], int] | None = None,
+        skip_fn: Callable[[], int] | None = None,
     ):
-        super().__init__(len(labels), num_samples, seed, epoch_fn)
+        super().__init__(len(labels), num_samples, seed, epoch_fn, skip_fn)
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         counts = torch.bincount(labels)  # (C,)
         # Each item weighs 1 / (its class's size): every present class then carries the same total weight.
@@ -342,6 +360,15 @@ class KvasirDataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_progress.current.processed
 
+    def _batches_done(self) -> int:
+        """Training steps of the current epoch already done when its iterator is made: non-zero only right after
+        a resume from a checkpoint written mid-epoch, before a step (``run.preempt``), whose loop counters
+        Lightning restores before it makes the iterator; at an epoch's start (or after an epoch-end checkpoint)
+        the count is 0 or a whole epoch."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed % self.steps_per_epoch
+
     def dataset(
         self, rows: np.ndarray, views: Sequence[str], targets: np.ndarray | None = None
     ) -> ImageDataset:
@@ -382,9 +409,17 @@ class KvasirDataModule(L.LightningDataModule):
 
     def _sampler(self, name: str, stream: Stream, seed: int) -> EpochSampler:
         num_samples = self.steps_per_epoch * stream.batch_size
+
+        def skip() -> int:
+            return self._batches_done() * stream.batch_size
+
         if name == "lb" and self.sampler == "class_balanced":
-            return ClassBalancedSampler(stream.labels, num_samples, seed=seed, epoch_fn=self._current_epoch)
-        return EpochSampler(len(stream.rows), num_samples, seed=seed, epoch_fn=self._current_epoch)
+            return ClassBalancedSampler(
+                stream.labels, num_samples, seed=seed, epoch_fn=self._current_epoch, skip_fn=skip
+            )
+        return EpochSampler(
+            len(stream.rows), num_samples, seed=seed, epoch_fn=self._current_epoch, skip_fn=skip
+        )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         loaders = {}

@@ -1,0 +1,154 @@
+"""Pre-emption under a faked SLURM job: the time-limit signal (USR2, as submitit's sbatch asks for) or SIGTERM
+arrives mid-epoch; the fit writes its resume checkpoint at that step, calls ``scontrol requeue`` (a fake one on
+PATH that records its arguments), leaves with ``Requeued``; the requeued fit resumes and ends with exactly the
+weights and metrics of an uninterrupted fit, continuing the same W&B run, which was not marked failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_kvasir.config import compose
+from ssl_kvasir.methods.fixmatch import FixMatch
+from ssl_kvasir.run.preempt import Requeued
+from ssl_kvasir.run.train import fit
+
+STEPS_PER_EPOCH = 4
+SIGNAL_AT = 5  # the signal arrives during step 6 (global_step 5 before it): epoch 1, its second batch
+
+
+def overrides(archive: Path, out: Path) -> list[str]:
+    return [
+        f"data.root={archive}",
+        f"data.split_file={archive / '2_fold_split.csv'}",
+        f"output_dir={out}",
+        "method=fixmatch",
+        "backbone.name=test_resnet",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.mu=2",
+        "data.num_workers=0",
+        f"data.steps_per_epoch={STEPS_PER_EPOCH}",
+        "trainer.max_steps=12",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+        "data.val_fraction=0.34",
+        "seed=3",
+        "logger=wandb",
+    ]
+
+
+@pytest.fixture
+def slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A one-task SLURM job (environment variables) with fake ``scontrol`` and ``sbatch`` on PATH; returns the
+    file where the fake scontrol writes its arguments."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    bin_dir.mkdir()
+    for tool in ("scontrol", "sbatch"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ssl-kvasir",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SUBMITIT_PREEMPT_SIGNAL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return calls
+
+
+def signal_during_step(monkeypatch: pytest.MonkeyPatch, signum: int, at_step: int) -> None:
+    """Make the process send itself ``signum`` inside the training step that starts at ``at_step``."""
+    original = FixMatch.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step == at_step:
+            os.kill(os.getpid(), signum)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(FixMatch, "training_step", step)
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def offline_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGUSR2", "SIGTERM"])
+def test_preempted_fit_checkpoints_requeues_and_resumes_exactly(
+    synth_archive: Path, tmp_path: Path, slurm: Path, monkeypatch: pytest.MonkeyPatch, signame: str
+) -> None:
+    reference = fit(compose("fit", overrides(synth_archive, tmp_path / "uninterrupted")))
+
+    out = tmp_path / "preempted"
+    cfg = compose("fit", overrides(synth_archive, out))
+    handlers_before = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        signal_during_step(m, getattr(signal, signame), SIGNAL_AT)
+        with pytest.raises(Requeued) as stopped:
+            fit(cfg)
+    # 1. A checkpoint at the step, not at an epoch end.
+    last = out / "checkpoints" / "last.ckpt"
+    step = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+    assert step == SIGNAL_AT + 1 == stopped.value.step
+    assert step % STEPS_PER_EPOCH != 0
+    assert not (out / "results.json").exists()
+    # The handlers of before the fit are back (submitit's own, on a real job).
+    assert (signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)) == handlers_before
+    # 2. The job was requeued, once, by its id.
+    assert slurm.read_text().splitlines() == ["scontrol requeue 4242"]
+    # 3. The requeued job runs the same command and ends where the uninterrupted fit ends.
+    resumed = fit(cfg)
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["val_metrics"] == reference["val_metrics"]
+    a, b = (
+        weights(out / "checkpoints" / "last.ckpt"),
+        weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["step"] == 12 and progress["checkpoint_time"] is not None
+    # 4. One W&B run, continued: two offline segments with the same id.
+    runs = offline_runs(out)
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    # W&B's own log of the first segment: closed with exit code 0 (not failed), then resumed by id.
+    assert "got exitcode: 0" in (runs[0] / "logs" / "debug.log").read_text()
+    assert "got exitcode: 0" in (runs[1] / "logs" / "debug.log").read_text()
+    assert slurm.read_text().splitlines() == ["scontrol requeue 4242"]  # the resumed fit did not requeue
+
+
+def test_sampler_skip_serves_the_rest_of_the_epoch() -> None:
+    """A resumed epoch's sampler serves exactly what the uninterrupted epoch had left, items and seeds alike."""
+    import numpy as np
+
+    from ssl_kvasir.data.datamodule import ClassBalancedSampler, EpochSampler
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    for make in (
+        lambda skip: EpochSampler(10, 24, seed=5, epoch_fn=lambda: 3, skip_fn=skip),
+        lambda skip: ClassBalancedSampler(labels, 24, seed=5, epoch_fn=lambda: 3, skip_fn=skip),
+    ):
+        whole = list(make(None))
+        for skip in (0, 1, 8, 23, 24):
+            assert list(make(lambda skip=skip: skip)) == whole[skip:]
