@@ -9,24 +9,42 @@ Two kinds of sub-commands:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ssl_kvasir.errors import SslKvasirError
+from ssl_kvasir.run.guard import FitInterrupted
 
 
 def _check(argv: list[str]) -> int:
-    from ssl_kvasir.data.archive import load_catalog
+    import os
 
-    p = argparse.ArgumentParser(prog="ssl-kvasir check", description="Validate a downloaded archive.")
+    from ssl_kvasir.data.archive import inspect_images, load_catalog
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir check",
+        description="Validate a downloaded archive: layout, split file, folds, and every image decoded. "
+        "Exit status 0: no problems; 1: problems found (each listed); 2: the archive cannot be read.",
+    )
     p.add_argument("--root", type=Path, required=True, help="archive root (holds labeled-images/)")
     p.add_argument("--split-file", type=Path, help="official split file (file-name;class-name;split-index)")
     p.add_argument("--generate-folds", type=int, help="check with N generated stratified folds instead")
     p.add_argument("--source", default="hyperkvasir", choices=["hyperkvasir", "folder"])
     p.add_argument("--unlabeled-root", type=Path, help="unlabeled images of a folder source")
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="structural check of the images only (headers, sizes, end markers), not a full decode",
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="processes decoding images (default: all cores)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     catalog = load_catalog(
@@ -35,8 +53,17 @@ def _check(argv: list[str]) -> int:
         split_file=a.split_file,
         generate_folds=a.generate_folds,
         unlabeled_root=a.unlabeled_root,
+        strict=False,
     )
-    summary = catalog.summary()
+    bad = inspect_images(
+        catalog.root,
+        list(catalog.images.path),
+        decode=not a.no_decode,
+        workers=a.workers,
+        progress=not (a.no_progress or a.json),
+    )
+    catalog.problems += list(bad.values())
+    summary = catalog.summary() | {"unusable_images": list(bad)}
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -305,10 +332,12 @@ def _setup_logging() -> None:
 
 
 def _fit(argv: list[str]) -> int:
-    from ssl_kvasir.config import compose
-    from ssl_kvasir.run.train import fit
+    from ssl_kvasir.config import compose, validate
 
     cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit"))
+    validate(cfg)  # before the import below, which imports torch: a bad value is refused at once
+    from ssl_kvasir.run.train import fit
+
     _setup_logging()
     results = fit(cfg)
     _print_metrics(results, Path(cfg.output_dir))
@@ -316,10 +345,12 @@ def _fit(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    from ssl_kvasir.config import compose
-    from ssl_kvasir.run.train import evaluate
+    from ssl_kvasir.config import compose, validate
 
     cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir evaluate"))
+    validate(cfg)
+    from ssl_kvasir.run.train import evaluate
+
     _setup_logging()
     results = evaluate(cfg)
     _print_metrics(results, Path(cfg.output_dir))
@@ -330,8 +361,7 @@ def _analysis_command(step: str):
     """``embed``, ``analyze`` or ``export-pseudo-labels``: Hydra overrides on configs/analyze.yaml."""
 
     def run(argv: list[str]) -> int:
-        from ssl_kvasir.config import compose
-        from ssl_kvasir.run import unlabeled as analyze
+        from ssl_kvasir.config import ANALYZE_RULES, compose, validate
 
         if any(a in ("-h", "--help") for a in argv):
             print(
@@ -341,6 +371,9 @@ def _analysis_command(step: str):
             )
             return 0
         cfg = compose("analyze", argv)
+        validate(cfg, ANALYZE_RULES)
+        from ssl_kvasir.run import unlabeled as analyze
+
         _setup_logging()
         if step == "embed":
             store = analyze.embed(cfg)
@@ -476,12 +509,28 @@ def main(argv: list[str] | None = None) -> int:
     handler, _ = COMMANDS[name]
     try:
         return handler(rest) or 0
+    except FitInterrupted as e:
+        _error_line(name, e, "")
+        return e.status
+    except KeyboardInterrupt:
+        _error_line(name, "interrupted by SIGINT", "")
+        return 128 + signal.SIGINT
     except SslKvasirError as e:
-        print(f"ssl-kvasir {name}: error: {e}", file=sys.stderr)
+        _error_line(name, e)
         return 2
-    except OSError as e:  # an output that cannot be written, a file that vanished: the message names the path
-        print(f"ssl-kvasir {name}: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # the message names the path (io.atomic_write, AtomicCheckpointIO, hold_lock add it)
+        _error_line(name, e)
+        return 1 if e.errno in RESOURCE_ERRNOS else 2
+
+
+# Errors of the machine, not of the input: the same command may succeed once space or the device is back.
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM}
+
+
+def _error_line(command: str, error: object, label: str = "error: ") -> None:
+    """One line on stderr, whatever the message holds (Hydra's and the OS's messages may span lines)."""
+    text = " ".join(str(error).split())
+    print(f"ssl-kvasir {command}: {label}{text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

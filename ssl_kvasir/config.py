@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ssl_kvasir.errors import ConfigError
 
@@ -24,7 +28,6 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -43,3 +46,280 @@ def require(cfg: DictConfig, *keys: str) -> None:
     missing = [k for k in keys if OmegaConf.select(cfg, k, throw_on_missing=False) is None]
     if missing:
         raise ConfigError(f"missing value for {', '.join(missing)} (pass {missing[0]}=...)")
+
+
+@dataclass(frozen=True)
+class Number:
+    """An int (``integer=True``) or a real number within bounds; ``low_open``/``high_open`` exclude a bound."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    nullable: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.nullable else "must be given (not null)"
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None or self.high is not None:
+            kind = f"{kind} {self._range()}"
+        # bool is an int in Python, but data.batch_size=true is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, (int, float) if not self.integer else int):
+            return f"must be {kind}{' or null' if self.nullable else ''}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            return f"must be {kind}, got {value!r}"
+        return None
+
+    def _range(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of values (``None`` among them when null is allowed)."""
+
+    values: tuple
+
+    def problem(self, value: Any) -> str | None:
+        if value in self.values and not (isinstance(value, bool) and True not in self.values):
+            return None
+        shown = ", ".join("null" if v is None else str(v) for v in self.values)
+        return f"must be one of {shown}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """true or false."""
+
+    nullable: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or (value is None and self.nullable):
+            return None
+        return f"must be true or false, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string (a name or a path); ``listed`` also accepts a list of them."""
+
+    nullable: bool = False
+    listed: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None and self.nullable:
+            return None
+        values = value if self.listed and isinstance(value, (list, tuple)) else [value]
+        if values and all(isinstance(v, str) and v for v in values):
+            return None
+        return f"must be a {'name or path' if not self.listed else 'path or a list of paths'}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Lightning's ``devices``: ``auto``, a count (-1: all), a list of device indices or ``"0,1"``."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)
+        ):
+            return None
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v >= 0 for v in value):
+            return None
+        if (
+            isinstance(value, str)
+            and value
+            and all(p.strip().lstrip("-").isdigit() for p in value.split(","))
+        ):
+            return None
+        return f"must be auto, a number of devices (-1: all) or a list of device indices, got {value!r}"
+
+
+Rule = Number | Choice | Flag | Text | Devices
+FRACTION = Number(0, 1)
+PROBABILITY_OPEN = Number(0, 1, high_open=True)
+NON_NEGATIVE = Number(0)
+COUNT = Number(1, integer=True)
+SIZE = Number(0, integer=True)
+
+# Every numeric and enumerated key of configs/, by dotted name. A key a config does not have is skipped, so
+# one table serves `fit` and the analysis commands; method keys are shared by name across methods.
+RULES: dict[str, Rule] = {
+    "seed": Number(integer=True),
+    "output_dir": Text(nullable=True),
+    "data.source": Choice(("hyperkvasir", "folder")),
+    "data.root": Text(),
+    "data.unlabeled_root": Text(nullable=True),
+    "data.cache": Text(nullable=True),
+    "data.split_file": Text(nullable=True),
+    "data.generate_folds": Number(2, integer=True, nullable=True),
+    "data.fold": SIZE,
+    "data.val_policy": Choice(("budget", "none", "fold")),
+    "data.val_fraction": PROBABILITY_OPEN,
+    "data.label_fraction": Number(0, 1, low_open=True, nullable=True),
+    "data.labels_per_class": Number(1, integer=True, nullable=True),
+    "data.seed": Number(integer=True),
+    "data.image_size": COUNT,
+    "data.batch_size": COUNT,
+    "data.mu": SIZE,
+    "data.num_workers": SIZE,
+    "data.unlabeled_rest": Flag(),
+    "data.use_archive_unlabeled": Flag(),
+    "data.strong_color": Flag(),
+    "data.strong_policy": Choice(("fixmatch", "timm")),
+    "data.sampler": Choice(("uniform", "class_balanced")),
+    "data.steps_per_epoch": COUNT,
+    "trainer.max_steps": COUNT,
+    "trainer.accelerator": Choice(("auto", "cpu", "gpu", "cuda", "mps", "tpu")),
+    "trainer.devices": Devices(),
+    "trainer.num_nodes": COUNT,
+    "trainer.strategy": Text(),
+    "trainer.precision": Choice(
+        (
+            "32-true",
+            "32",
+            32,
+            "64-true",
+            "64",
+            64,
+            "16-mixed",
+            "16",
+            16,
+            "bf16-mixed",
+            "bf16",
+            "16-true",
+            "bf16-true",
+        )
+    ),
+    "trainer.channels_last": Flag(),
+    "trainer.monitor": Text(),
+    "trainer.log_every_n_steps": COUNT,
+    "trainer.progress_bar": Flag(),
+    "logger.kind": Choice(("wandb", "csv")),
+    "logger.mode": Choice((None, "online", "offline", "disabled")),
+    "backbone.name": Text(),
+    "backbone.head": Choice(("linear", "averaged", "mlp")),
+    "backbone.pretrained": Flag(),
+    "backbone.weights": Text(nullable=True, listed=True),
+    "backbone.drop_rate": PROBABILITY_OPEN,
+    "backbone.drop_path_rate": PROBABILITY_OPEN,
+    "backbone.mlp_hidden": COUNT,
+    "method.optimizer": Choice(("sgd", "adamw")),
+    "method.lr": Number(0, low_open=True),
+    "method.momentum": PROBABILITY_OPEN,
+    "method.nesterov": Flag(),
+    "method.weight_decay": NON_NEGATIVE,
+    "method.schedule": Choice(("cosine", "constant")),
+    "method.warmup_steps": SIZE,
+    "method.ema_decay": PROBABILITY_OPEN,
+    "method.ema_warmup": Flag(),
+    "method.eval_weights": Choice(("ema", "model")),
+    "method.loss": Choice(("ce", "logit_adjusted")),
+    "method.la_tau": NON_NEGATIVE,
+    "method.threshold": FRACTION,
+    "method.lambda_u": NON_NEGATIVE,
+    "method.lambda_pl": NON_NEGATIVE,
+    "method.masking": Choice(("fixed", "flexmatch")),
+    "method.alignment": Choice((None, "labeled", "uniform")),
+    "method.teacher": Choice(("model", "ema")),
+    "method.rounds": SIZE,
+    "method.noise.drop_rate": PROBABILITY_OPEN,
+    "method.noise.drop_path_rate": PROBABILITY_OPEN,
+    "method.pseudo.threshold": FRACTION,
+    "method.pseudo.balance": Choice(("none", "cap", "duplicate")),
+    "method.pseudo.max_per_class": Number(1, integer=True, nullable=True),
+    "method.pseudo.soft": Flag(),
+    "method.pseudo.file": Text(nullable=True),
+    "method.tau_min": NON_NEGATIVE,
+    "method.tau_max": NON_NEGATIVE,
+    "method.tau_balanced": NON_NEGATIVE,
+    "method.tau_pseudo_balanced": NON_NEGATIVE,
+    "method.ema_u": FRACTION,
+    "method.est_epoch": SIZE,
+    "method.scale_labeled_loss": Flag(),
+    # The analysis commands (configs/analyze.yaml).
+    "checkpoint": Text(nullable=True),
+    "format": Choice(("ssl_kvasir", "authors")),
+    "embed.dtype": Choice(("float16", "float32")),
+    "embed.chunk_rows": COUNT,
+    "embed.batch_size": COUNT,
+    "knn.database": Choice(("budget", "all")),
+    "knn.k": COUNT,
+    "knn.temperature": Number(0, low_open=True),
+    "knn.neighbours_k": COUNT,
+    "umap.n_neighbors": Number(2, integer=True),
+    "umap.min_dist": NON_NEGATIVE,
+    "umap.cluster_dims": COUNT,
+    "cluster.enabled": Flag(),
+    "cluster.export": Flag(),
+    "cluster.min_cluster_size": Number(2, integer=True),
+    "select.min_confidence": FRACTION,
+    "select.top_k_per_class": Number(1, integer=True, nullable=True),
+    "select.require_agreement": Flag(),
+}
+# In the analysis config null means "the size the checkpoint was trained at".
+ANALYZE_RULES: dict[str, Rule] = {**RULES, "data.image_size": Number(1, integer=True, nullable=True)}
+
+
+def method_names() -> list[str]:
+    """The method options of ``configs/method/`` (without importing the methods, which imports torch)."""
+    return sorted(p.stem for p in (config_dir() / "method").glob("*.yaml") if p.stem != "common")
+
+
+def validate(cfg: DictConfig, rules: dict[str, Rule] = RULES) -> None:
+    """Check every key of ``cfg`` that ``rules`` knows (type, range, allowed values) and the method's name,
+    right after composing and before anything heavy is imported, so a bad value costs a second, not a
+    traceback after the data have been scanned.
+
+    Raises:
+        ConfigError: one line naming every bad key, its value and what it must be.
+    """
+    problems = []
+    for key, rule in rules.items():
+        value = _lookup(cfg, key)
+        if value is _ABSENT:
+            continue  # not in this config, or mandatory and not given (`require` names it)
+        if (why := rule.problem(value)) is not None:
+            problems.append(f"{key} {why}")
+    name = OmegaConf.select(cfg, "method.name", default=None, throw_on_missing=False)
+    if name is not None and name not in method_names():
+        problems.append(f"method.name must be one of {', '.join(method_names())}, got {name!r}")
+    d = cfg.get("data") or {}
+    if d.get("label_fraction") is not None and d.get("labels_per_class") is not None:
+        problems.append("set only one of data.label_fraction and data.labels_per_class (the other to null)")
+    elif "label_fraction" in d and d.get("label_fraction") is None and d.get("labels_per_class") is None:
+        problems.append("set data.label_fraction or data.labels_per_class")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+_ABSENT = object()
+
+
+def _lookup(cfg: DictConfig, key: str) -> Any:
+    """The resolved value of a dotted key as plain Python, or ``_ABSENT`` when it is not there or is ``???``."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_missing(node, leaf):
+        return _ABSENT
+    try:
+        value = node[leaf]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}: {e}".splitlines()[0]) from None
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value

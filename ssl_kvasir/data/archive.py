@@ -150,57 +150,85 @@ def scan_folder(root: Path, unlabeled_root: Path | None = None) -> tuple[pd.Data
     return pd.DataFrame(rows, columns=["filename", "path", "label"]), classes, problems
 
 
-def read_split_file(path: Path, classes: ClassTable) -> pd.DataFrame:
+def read_split_file(path: Path, classes: ClassTable, problems: list[str] | None = None) -> pd.DataFrame:
     """Read an official split file: ``file-name;class-name;split-index``, any number of folds.
 
-    Class names may use either spelling. File names must be bare (no folder, no ``..``).
+    Class names may use either spelling. File names must be bare (no folder, no ``..``). Every row is read
+    before anything is refused, so that all bad rows are known at once.
+
+    Args:
+        path: the split file.
+        classes: the class table that names must be in.
+        problems: where bad rows go, one sentence each, when the caller reports rather than refuses
+            (``ssl-kvasir check``): bad rows are then left out, and a file that cannot be read at all (missing,
+            wrong header) yields an empty frame. None: the first bad row is raised.
 
     Returns:
         a frame with ``filename``, ``label`` and ``fold``.
 
     Raises:
         DataError: naming the file and line, for a wrong delimiter or header, an unknown class, a bad fold
-            index, a file name with a path in it, or a file name listed twice.
+            index, a file name with a path in it, or a file name listed twice (only when ``problems`` is None).
     """
     path = Path(path)
+    found: list[str] = []
+    rows: list[tuple[str, int, int]] = []
     if not path.is_file():
-        raise DataError(f"split file {path} does not exist")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=";")
-        header = tuple(h.strip() for h in next(reader, ()))
-        if header != SPLIT_HEADER:
-            raise DataError(
-                f"{path}: header is {';'.join(header) or '(empty)'!r}; a split file is ';'-delimited with the "
-                f"header {';'.join(SPLIT_HEADER)!r}"
-            )
-        rows, seen = [], {}
-        for lineno, fields in enumerate(reader, start=2):
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise DataError(
-                    f"{path}:{lineno}: expected 3 ';'-separated fields, got {len(fields)}: {fields!r}"
+        found.append(f"split file {path} does not exist")
+    else:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=";")
+            header = tuple(h.strip() for h in next(reader, ()))
+            if header != SPLIT_HEADER:
+                found.append(
+                    f"{path}: header is {';'.join(header) or '(empty)'!r}; a split file is ';'-delimited with the "
+                    f"header {';'.join(SPLIT_HEADER)!r}"
                 )
-            name, cls, fold = (x.strip() for x in fields)
-            if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
-                raise DataError(
-                    f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders, no '..')"
-                )
-            if name in seen:
-                raise DataError(
-                    f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})"
-                )
-            seen[name] = lineno
-            try:
-                label = classes.index(cls)
-            except KeyError as e:
-                raise DataError(f"{path}:{lineno}: {e.args[0]}") from None
-            if not fold.isdigit():
-                raise DataError(f"{path}:{lineno}: split-index {fold!r} is not a non-negative integer")
-            rows.append((name, label, int(fold)))
-    if not rows:
-        raise DataError(f"{path}: the split file lists no images")
+            else:
+                rows = _split_rows(path, reader, classes, found)
+            if not rows and not found:
+                found.append(f"{path}: the split file lists no images")
+    if found and problems is None:
+        more = (
+            f" (and {len(found) - 1} more problems; `ssl-kvasir check` lists them all)"
+            if len(found) > 1
+            else ""
+        )
+        raise DataError(found[0] + more)
+    if problems is not None:
+        problems += found
     return pd.DataFrame(rows, columns=["filename", "label", "fold"])
+
+
+def _split_rows(path: Path, reader, classes: ClassTable, found: list[str]) -> list[tuple[str, int, int]]:
+    """The good rows of a split file after its header; each bad row is one sentence in ``found``."""
+    rows, seen = [], {}
+    for lineno, fields in enumerate(reader, start=2):
+        if not fields:
+            continue
+        if len(fields) != 3:
+            found.append(f"{path}:{lineno}: expected 3 ';'-separated fields, got {len(fields)}: {fields!r}")
+            continue
+        name, cls, fold = (x.strip() for x in fields)
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
+            found.append(
+                f"{path}:{lineno}: file name {name!r} must be a bare file name (no folders, no '..')"
+            )
+            continue
+        if name in seen:
+            found.append(f"{path}:{lineno}: file name {name!r} is listed twice (first on line {seen[name]})")
+            continue
+        seen[name] = lineno
+        try:
+            label = classes.index(cls)
+        except KeyError as e:
+            found.append(f"{path}:{lineno}: {e.args[0]}")
+            continue
+        if not fold.isdigit():
+            found.append(f"{path}:{lineno}: split-index {fold!r} is not a non-negative integer")
+            continue
+        rows.append((name, label, int(fold)))
+    return rows
 
 
 def write_split_file(path: Path, filenames, labels, folds, classes: ClassTable) -> None:
@@ -281,6 +309,7 @@ def load_catalog(
     generate_folds: int | None = None,
     fold_seed: int = 0,
     unlabeled_root: Path | None = None,
+    strict: bool = True,
 ) -> Catalog:
     """Scan an archive and attach its folds.
 
@@ -292,6 +321,11 @@ def load_catalog(
             be asked for: without a split file and without it, loading fails.
         fold_seed: seed of the generated folds.
         unlabeled_root: the unlabeled image folder of a ``folder`` source.
+        strict: refuse a split file with bad rows (training); False lists them among the problems and leaves
+            those rows out (``ssl-kvasir check``, which reports everything it finds).
+
+    Besides the scan's and the split's problems, the catalog lists folds that hold no image and folds that
+    lack some class (:func:`fold_problems`).
     """
     root = Path(root)
     if source == "hyperkvasir":
@@ -306,10 +340,10 @@ def load_catalog(
     if split_file is not None and generate_folds:
         raise DataError("give either a split file (data.split_file) or data.generate_folds, not both")
     if split_file is not None:
-        split = read_split_file(Path(split_file), classes)
+        split = read_split_file(Path(split_file), classes, problems=None if strict else problems)
         images, join_problems = join_split(images, split, Path(split_file), classes)
         problems += join_problems
-        n_folds = int(split.fold.max()) + 1
+        n_folds = int(split.fold.max()) + 1 if len(split) else 0
     elif generate_folds:
         if generate_folds < 2:
             raise DataError(f"data.generate_folds must be at least 2, got {generate_folds}")
@@ -324,4 +358,140 @@ def load_catalog(
             "or ask for seeded stratified folds explicitly with data.generate_folds=N"
         )
     images = images.sort_values("label", key=lambda s: s < 0, kind="stable").reset_index(drop=True)
+    problems += fold_problems(images, classes, n_folds)
     return Catalog(root=root, classes=classes, images=images, n_folds=n_folds, problems=problems)
+
+
+def fold_problems(images: pd.DataFrame, classes: ClassTable, n_folds: int) -> list[str]:
+    """Folds that hold no image, and folds that lack classes (as an evaluation fold such a fold cannot
+    measure those classes; as a training fold of a 2-fold split it cannot teach them).
+
+    A split file's folds are numbered 0..max, so a file whose only rows are in fold 7 has seven empty folds.
+    """
+    lab = images[(images.label >= 0) & (images.fold >= 0)]
+    present = [c for c in range(len(classes)) if (lab.label == c).any()]  # classes that have images at all
+    problems = []
+    for k in range(n_folds):
+        labels = lab.label[lab.fold == k]
+        if labels.empty:
+            problems.append(f"fold {k} holds no image: it cannot be an evaluation fold (data.fold={k})")
+            continue
+        lacking = [classes[c].folder for c in present if not (labels == c).any()]
+        if lacking:
+            problems.append(
+                f"fold {k} ({len(labels)} images) holds no image of {len(lacking)} classes: {', '.join(lacking)}"
+            )
+    return problems
+
+
+# The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk (with its CRC).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL_BYTES = 4096
+
+
+def inspect_image(path: Path, decode: bool, name: str) -> str | None:
+    """Why the image file ``path`` cannot be used, or None when it can.
+
+    Without ``decode`` the check is structural and cheap: the file is not empty, PIL recognises its header,
+    its pixel count is below PIL's decompression-bomb limit, and a JPEG or PNG ends with its end marker (a
+    download cut short does not); only a file without its end marker is decoded, to tell a truncated file
+    from one with bytes appended after the marker. With ``decode`` every file is decoded as ``prepare``
+    decodes it, which also finds damage inside complete files.
+
+    Args:
+        path: the file.
+        decode: decode the whole image.
+        name: how to name the file in the reason.
+    """
+    from PIL import Image
+
+    from ssl_kvasir.data.decode import decode_image
+
+    try:
+        n_bytes = path.stat().st_size
+    except OSError as e:
+        return f"{name}: cannot read: {e.strerror}"
+    if n_bytes == 0:
+        return f"{name}: empty file (0 bytes)"
+    must_decode = decode
+    if not decode:
+        try:
+            with Image.open(path) as img:
+                marker = _END_MARKERS.get(img.format or "")
+        except Image.DecompressionBombError as e:
+            return f"{name}: oversized image: {e}"
+        except Image.UnidentifiedImageError:
+            return f"{name}: not an image file PIL can read"
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"{name}: cannot read the image header: {e}"
+        if marker is not None:
+            with path.open("rb") as f:
+                f.seek(max(n_bytes - _TAIL_BYTES, 0))
+                must_decode = marker not in f.read()
+    if must_decode:
+        try:
+            # A small draft size: libjpeg still reads every byte of the compressed data, at a fraction of
+            # the cost of a full-size decode.
+            decode_image(path, 64, name=name)
+        except DataError as e:
+            return str(e)
+    return None
+
+
+def _inspect_chunk(root: str, paths: list[str], decode: bool) -> list[tuple[str, str]]:
+    """(path, reason) of every unusable image of ``paths`` below ``root`` (runs in a worker process)."""
+    found = []
+    for p in paths:
+        reason = inspect_image(Path(root) / p, decode, name=p)
+        if reason is not None:
+            found.append((p, reason))
+    return found
+
+
+def inspect_images(
+    root: Path,
+    paths: list[str],
+    decode: bool = True,
+    workers: int | None = os.cpu_count(),
+    progress: bool = False,
+    chunk: int = 64,
+) -> dict[str, str]:
+    """Every unusable image of ``paths`` (relative to ``root``) with the reason, checked by
+    :func:`inspect_image` in a pool of worker processes.
+
+    Args:
+        root: the archive root.
+        paths: image paths relative to ``root``.
+        decode: decode every image (else the structural check).
+        workers: worker processes; 0 or 1 checks in this process.
+        progress: a progress bar with rate and ETA on stderr.
+        chunk: images per task.
+
+    Returns:
+        ``{path: reason}`` in the order of ``paths``.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from ssl_kvasir.data.cache import _progress_bar, pool_context
+
+    paths = list(paths)
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    found: dict[str, str] = {}
+    what = "decoding" if decode else "checking"
+    if not workers or workers <= 1 or len(chunks) <= 1:
+        with _progress_bar(progress) as bar:
+            task = bar.add_task(f"{what} {len(paths)} images", total=len(paths))
+            for c in chunks:
+                found.update(_inspect_chunk(str(root), c, decode))
+                bar.advance(task, len(c))
+    else:
+        # The pool starts before the progress bar's refresh thread (forking with threads running is unsafe).
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=pool_context()) as pool:
+            size_of = {pool.submit(_inspect_chunk, str(root), c, decode): len(c) for c in chunks}
+            with _progress_bar(progress) as bar:
+                task = bar.add_task(f"{what} {len(paths)} images", total=len(paths))
+                for future in as_completed(size_of):
+                    found.update(future.result())
+                    bar.advance(task, size_of[future])
+    order = {p: i for i, p in enumerate(paths)}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))

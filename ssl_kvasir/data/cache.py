@@ -39,7 +39,7 @@ from PIL import Image
 
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.io import atomic_write, atomic_write_json
+from ssl_kvasir.io import LOCK_FILE, atomic_write, atomic_write_json, hold_lock
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1
@@ -228,6 +228,29 @@ def _progress_bar(enabled: bool):
     )
 
 
+def _holding_the_cache_lock(build):
+    """Run ``build`` holding the cache folder's lock: a second prepare of the same cache is refused (a stale
+    lock, left by a killed prepare, is taken over). Within the lock, files of ``atomic_write`` that a killed
+    run left behind (``.shard-*.tmp``) are nobody's and are removed when the build succeeds."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def locked(*args, **kwargs):
+        cache_dir = Path(signature.bind(*args, **kwargs).arguments["cache_dir"])
+        with hold_lock(cache_dir, f"ssl-kvasir prepare of {cache_dir}"):
+            report = build(*args, **kwargs)
+            for tmp in [*cache_dir.glob(".shard-*.tmp"), *cache_dir.glob(f".{MANIFEST}.*.tmp")]:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            return report
+
+    return locked
+
+
+@_holding_the_cache_lock
 def prepare_cache(
     root: Path,
     paths: Sequence[str],
@@ -262,6 +285,7 @@ def prepare_cache(
     Raises:
         DataError: when ``cache_dir`` holds a cache of another size, quality or archive root, or is a
             non-empty folder that is no cache; when a path is absolute or climbs out of ``root``.
+        FolderLocked: when another prepare is building the same cache.
     """
     start = time.perf_counter()
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
@@ -276,7 +300,7 @@ def prepare_cache(
 
     manifest = _read_manifest(cache_dir)
     if manifest is None:
-        if cache_dir.exists() and any(cache_dir.iterdir()):
+        if cache_dir.exists() and any(p.name != LOCK_FILE for p in cache_dir.iterdir()):
             raise DataError(f"{cache_dir} is not empty and holds no {MANIFEST}: it is not a cache folder")
         plan: list[list[str]] = []
     else:

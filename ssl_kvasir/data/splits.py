@@ -18,6 +18,7 @@ the validation part are each nested as well.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ import numpy as np
 
 from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.errors import ConfigError, DataError
+
+log = logging.getLogger("ssl_kvasir")
 
 VAL_POLICIES = ("budget", "none", "fold")
 
@@ -179,6 +182,14 @@ def make_split(
             "a labeled subset cannot keep one image of every class"
         )
     sizes = subset_sizes(available, label_fraction, labels_per_class)  # (C,) the budget of each class
+    if labels_per_class is not None and (short := np.flatnonzero(available < labels_per_class)).size:
+        log.warning(
+            "data.labels_per_class=%d: %d classes have fewer training images and keep all they have (%s); "
+            "results.json records the counts used (labels_per_class_used)",
+            labels_per_class,
+            len(short),
+            ", ".join(f"{catalog.classes[c].folder}: {available[c]}" for c in short),
+        )
     ordered = _per_class_order(labels, train_rows, num_classes, subset_rng)
     labeled = []
     for rows, n in zip(ordered, sizes, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from ssl_kvasir.io import atomic_write
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.models import build_network
 from ssl_kvasir.run.experiment import method_class
+from ssl_kvasir.run.guard import unreadable_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -24,8 +26,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        with atomic_write(path, "wb") as f:
-            torch.save(checkpoint, f)
+        """Write ``checkpoint`` to ``path`` in one rename.
+
+        Raises:
+            OSError: naming ``path`` and the cause (a full disk, a folder that cannot be written); the file
+                already there is left as it was.
+        """
+        try:
+            with atomic_write(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as e:
+            # torch's zip writer reports a failed write (ENOSPC) as "RuntimeError: ... unexpected pos"; the
+            # OSError it swallowed is the exception's context.
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError) or cause.errno is None:
+                raise
+            raise OSError(
+                cause.errno, f"cannot write checkpoint {path}: {os.strerror(cause.errno)}"
+            ) from None
 
 
 def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
@@ -44,7 +62,7 @@ def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
         # weights_only: a checkpoint is read as data (tensors, numbers, strings), never as code to run.
         ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+        raise DataError(f"cannot read checkpoint {checkpoint}: {unreadable_checkpoint(e)}") from None
     if "network_spec" not in ckpt or "method" not in ckpt:
         raise DataError(f"{checkpoint} is not a ssl_kvasir checkpoint (no network spec)")
     network = build_network(**dict(ckpt["network_spec"]))

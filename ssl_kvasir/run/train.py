@@ -26,6 +26,7 @@ from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write_json
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.names import backbone_id, budget_id
+from ssl_kvasir.run import guard
 from ssl_kvasir.run.checkpoint import AtomicCheckpointIO, load_method
 from ssl_kvasir.run.experiment import (
     Experiment,
@@ -95,7 +96,8 @@ class StageRunner:
         return predictor.probs(dm.loader(rows), what=f"predicting {len(rows)} images")
 
     def write_results(self, results: dict) -> None:
-        atomic_write_json(self.out / RESULTS_FILE, results)
+        # The run's fingerprint, not a stage's (a stage may override settings, e.g. self-training's noise).
+        atomic_write_json(self.out / RESULTS_FILE, {**results, "fingerprint": guard.fingerprint(self.cfg)})
 
 
 def fit(cfg: DictConfig) -> dict:
@@ -103,15 +105,19 @@ def fit(cfg: DictConfig) -> dict:
     write ``results.json``.
 
     A run whose ``results.json`` exists is not redone; a run with ``checkpoints/last.ckpt`` resumes from it.
+    A folder that holds another run is refused, and so is one that another fit is writing
+    (:func:`ssl_kvasir.run.guard.run_folder`).
     """
     require(cfg, "output_dir", "data.root")
     out = Path(cfg.output_dir)
-    if (out / RESULTS_FILE).exists():
-        log.warning("%s exists: the run is done (delete it to run again)", out / RESULTS_FILE)
-        return json.loads((out / RESULTS_FILE).read_text())
-    method_cls = method_class(cfg.method.name)
-    exp = load_experiment(cfg.data)
-    return method_cls.procedure(StageRunner(cfg, exp, method_cls, out))
+    with guard.run_folder(out, guard.fingerprint(cfg), RESULTS_FILE):
+        if (out / RESULTS_FILE).exists():
+            log.warning("%s exists: the run is done (delete it to run again)", out / RESULTS_FILE)
+            return json.loads((out / RESULTS_FILE).read_text())
+        method_cls = method_class(cfg.method.name)
+        exp = load_experiment(cfg.data)
+        guard.check_experiment(exp, cfg)
+        return method_cls.procedure(StageRunner(cfg, exp, method_cls, out))
 
 
 def fit_once(
@@ -137,7 +143,9 @@ def fit_once(
     logger = build_logger(cfg, out)
     trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
     last = out / "checkpoints" / "last.ckpt"
-    with one_tracking_run(logger):
+    if last.exists():
+        guard.check_checkpoint(last, guard.fingerprint(cfg), out)
+    with guard.interruptions(trainer, last), one_tracking_run(logger):
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or str(last)
         val = None
@@ -241,7 +249,8 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         strategy=t.strategy,
         precision=t.precision,
         logger=logger,
-        callbacks=[best, last],  # trainer.checkpoint_callback is the first: the model selection
+        # trainer.checkpoint_callback is the first: the model selection
+        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg))],
         plugins=plugins,
         # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
         use_distributed_sampler=False,
@@ -280,6 +289,8 @@ def make_results(
         "val_policy": exp.split.settings["val_policy"],
         "label_budget": exp.split.label_budget,  # labeled images used in all: training + validation
         "n_labeled": int(len(exp.split.labeled)),
+        # The labeled images each class really has (labels_per_class is clamped at a class's training images).
+        "labels_per_class_used": labels_used(exp),
         "n_unlabeled": int(
             len(unlabeled_pool(exp.split, cfg.data.use_archive_unlabeled, cfg.data.unlabeled_rest))
         ),
@@ -301,7 +312,19 @@ def make_results(
         "checkpoint": str(checkpoint),
         "group": cfg.logger.get("group") or run_group(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "fingerprint": guard.fingerprint(cfg),
     }
+
+
+def labels_used(exp: Experiment) -> dict[str, int]:
+    """Labeled images per class that the run's budget holds: its training part and, when validation comes
+    out of the budget (``val_policy=budget``), its validation part."""
+    rows = exp.split.labeled
+    if exp.split.settings.get("val_policy") == "budget":
+        rows = np.concatenate([rows, exp.split.val])
+    names = exp.catalog.classes.names
+    counts = np.bincount(exp.catalog.images.label.to_numpy()[rows], minlength=len(names))  # (C,)
+    return dict(zip(names, counts.tolist(), strict=True))
 
 
 def write_results(path: Path, results: dict, names: list[str], cm) -> None:

@@ -1,0 +1,333 @@
+"""What keeps a run folder honest: one fit at a time, no resuming someone else's run, no silent interruption.
+
+A run folder belongs to one run. Its identity is a *fingerprint*: the settings that decide what the run
+computes (data, split, budget, method, backbone, seed, schedule), and not those that only decide where it
+writes, how it logs or on what hardware it runs. The fingerprint is written to ``run.json`` when a fit starts,
+carried by every checkpoint (``checkpoint["run_fingerprint"]``) and recorded in ``results.json``; a fit that
+finds a folder of another run refuses, naming the settings that differ.
+
+A fit stopped by a signal (SIGTERM from a scheduler, Ctrl-C) ends with :class:`FitInterrupted`, which the
+command line turns into exit status 128 + the signal number and one line saying that the same command resumes
+from ``checkpoints/last.ckpt``. That is the whole of this module's signal handling: checkpointing mid-epoch on
+a pre-emption notice and requeueing belong to the cluster layer, which can build on :func:`interruptions`.
+
+This module imports neither torch nor Lightning at import time: the command line maps its errors before any
+heavy import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ssl_kvasir.errors import DataError, SslKvasirError
+from ssl_kvasir.io import atomic_write_json, hold_lock
+
+RUN_FILE = "run.json"
+FINGERPRINT_KEY = "run_fingerprint"
+
+# Keys (or whole sections) that do not change what a run computes: where it writes, how it logs and on what
+# hardware and with how many workers it runs. A run may be resumed with any of these changed.
+NOT_DEFINING = (
+    "output_dir",
+    "checkpoint",
+    "system",
+    "logger",
+    "data.cache",
+    "data.num_workers",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.channels_last",
+    "trainer.log_every_n_steps",
+    "trainer.progress_bar",
+)
+# Input paths: compared as absolute paths, so that a relative spelling of the same file is the same run.
+PATH_KEYS = ("data.root", "data.split_file", "data.unlabeled_root", "backbone.weights", "method.pseudo.file")
+
+
+class RunMismatch(SslKvasirError):
+    """The output folder holds another run (its checkpoint, run.json or results.json)."""
+
+
+class FitInterrupted(Exception):
+    """A fit stopped by a signal before it finished; the same command resumes it.
+
+    Attributes:
+        signal_name: ``SIGTERM`` or ``SIGINT``.
+        status: the exit status the command line ends with, 128 + the signal number (143, 130).
+        resume_from: the checkpoint the same command resumes from (None: it starts again).
+    """
+
+    def __init__(self, signal_name: str, resume_from: Path | None):
+        self.signal_name = signal_name
+        self.status = 128 + int(getattr(signal, signal_name))
+        self.resume_from = resume_from
+        where = (
+            f"resumes from {resume_from}"
+            if resume_from
+            else "starts it again (no checkpoint was written yet)"
+        )
+        super().__init__(f"interrupted by {signal_name}; the same command {where}")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str) and value:
+        return str(Path(value).expanduser().absolute())
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return value
+
+
+def fingerprint(config: Any) -> dict[str, Any]:
+    """The settings that define a run, as a flat ``{"data.fold": 0, ...}`` dict of plain values.
+
+    Args:
+        config: a composed run config (a ``DictConfig``) or its resolved container (as ``results.json``
+            stores it under ``config``).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    flat = _flatten(tree)
+    kept = {
+        k: (_absolute(v) if k in PATH_KEYS else v)
+        for k, v in flat.items()
+        if not any(k == skip or k.startswith(f"{skip}.") for skip in NOT_DEFINING)
+    }
+    return dict(sorted(kept.items()))
+
+
+def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: recorded -> current`` for every key whose value differs (or that only one side has)."""
+    missing = object()
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key, missing), current.get(key, missing)
+        if a != b:
+            show = [("(absent)" if v is missing else json.dumps(v)) for v in (a, b)]
+            out.append(f"{key}: {show[0]} -> {show[1]}")
+    return out
+
+
+def _refuse(out: Path, what: str, diff: list[str]) -> RunMismatch:
+    shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    return RunMismatch(
+        f"{what} is of another run ({shown}); to start afresh use another output_dir, or delete {out}"
+    )
+
+
+def unreadable_checkpoint(error: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line.
+
+    Not torch's own text for a refused object: it goes on for lines and suggests ``weights_only=False``,
+    which would run whatever code the file holds.
+    """
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return (
+            "it holds objects other than tensors and plain data, which are not loaded (that would run code)"
+        )
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"it is damaged or not a checkpoint ({type(error).__name__}: {first})"
+
+
+def checkpoint_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The fingerprint a checkpoint carries (None when it was written without one).
+
+    Raises:
+        DataError: naming the file, when it cannot be read as a checkpoint (corrupt, truncated, or holding
+            objects that loading as data refuses).
+    """
+    import torch
+
+    try:
+        # mmap: only the small dict is read, not the tensors; weights_only: a checkpoint is data, never code.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds; each is the same one-line answer
+        raise DataError(
+            f"cannot read checkpoint {path}: {unreadable_checkpoint(e)}; delete it to start the run afresh"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{path} is not an ssl_kvasir checkpoint; delete it to start the run afresh")
+    found = ckpt.get(FINGERPRINT_KEY)
+    return dict(found) if isinstance(found, Mapping) else None
+
+
+def check_checkpoint(path: Path, current: Mapping[str, Any], out: Path) -> None:
+    """Refuse to resume from ``path`` unless it carries ``current``'s fingerprint.
+
+    Raises:
+        RunMismatch: when its fingerprint differs or is absent.
+        DataError: when it cannot be read.
+    """
+    recorded = checkpoint_fingerprint(path)
+    if recorded is None:
+        raise RunMismatch(
+            f"checkpoint {path} carries no run fingerprint, so it may be another run's; "
+            f"to start afresh use another output_dir, or delete {out}"
+        )
+    diff = differences(recorded, current)
+    if diff:
+        raise _refuse(out, f"checkpoint {path}", diff)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}; delete it to start the run afresh") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a run record; delete it to start the run afresh")
+    return data
+
+
+def check_folder(out: Path, current: Mapping[str, Any], results_file: str) -> None:
+    """Refuse a run folder that holds another run: its ``results.json``, ``run.json`` or
+    ``checkpoints/last.ckpt`` (the checkpoints of a method's later stages are checked by each stage).
+
+    Raises:
+        RunMismatch: naming the file and the keys that differ.
+        DataError: when one of them cannot be read.
+    """
+    results = out / results_file
+    if results.exists():
+        data = _read_json(results)
+        recorded = data.get("fingerprint")
+        if recorded is None and isinstance(data.get("config"), Mapping):
+            recorded = fingerprint(data["config"])  # written before fingerprints were recorded
+        if recorded is not None and (diff := differences(recorded, current)):
+            raise _refuse(out, str(results), diff)
+    run = out / RUN_FILE
+    if run.exists():
+        recorded = _read_json(run).get("fingerprint")
+        if not isinstance(recorded, Mapping):
+            raise DataError(f"{run} holds no fingerprint; delete it to start the run afresh")
+        if diff := differences(recorded, current):
+            raise _refuse(out, str(run), diff)
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists():
+        check_checkpoint(last, current, out)
+
+
+def _rank_zero() -> bool:
+    """Whether this process is the first of a distributed fit (or the only one)."""
+    return all(
+        int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    )
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, current: Mapping[str, Any], results_file: str) -> Iterator[None]:
+    """Own ``out`` for one fit: check that it holds no other run, lock it (first process of a distributed fit
+    only), record the fingerprint in ``run.json``, and release the lock when the fit ends.
+
+    Raises:
+        RunMismatch, DataError: from :func:`check_folder`.
+        FolderLocked: when another fit holds the folder.
+    """
+    check_folder(out, current, results_file)
+    if not _rank_zero():
+        yield
+        return
+    with hold_lock(out, f"ssl-kvasir fit into {out}"):
+        check_folder(out, current, results_file)  # again: a fit that held the lock may have just written
+        if not (out / RUN_FILE).exists():
+            atomic_write_json(out / RUN_FILE, {"fingerprint": dict(current)})
+        yield
+
+
+def check_experiment(exp, cfg) -> None:
+    """Refuse, before any training, a run that could only fail or mislead later.
+
+    - An empty evaluation fold (a split file whose fold ``data.fold`` has no row): the run would train to
+      the end and then have nothing to test on.
+    - Without a cache, an image that cannot be used: each image the run reads is checked structurally
+      (:func:`ssl_kvasir.data.archive.inspect_image` without decoding: empty, not an image, oversized, cut
+      short), in ``data.num_workers`` processes, and the run is refused with the files named. Refusing is the
+      cheaper honest choice: leaving files out (as ``prepare`` does) would change the split behind the
+      config's back, and ``prepare`` already offers that, with every file listed. Damage inside a complete
+      file is found only by decoding it all (``ssl-kvasir check``); training then stops at that file, naming
+      it.
+
+    Args:
+        exp: the run's :class:`~ssl_kvasir.run.experiment.Experiment`.
+        cfg: the run config.
+
+    Raises:
+        DataError: naming the fold or the files.
+    """
+    import numpy as np
+
+    from ssl_kvasir.data.archive import inspect_images
+    from ssl_kvasir.data.splits import unlabeled_pool
+
+    d = cfg.data
+    if len(exp.split.test) == 0:
+        where = f"split file {d.split_file}" if d.split_file else "the folds"
+        raise DataError(
+            f"evaluation fold data.fold={d.fold} holds no image in {where}; choose another data.fold "
+            "(`ssl-kvasir check` lists the folds)"
+        )
+    if d.cache:
+        return  # the cache records what prepare could not decode; load_experiment left those out
+    split = exp.split
+    pool = unlabeled_pool(split, d.use_archive_unlabeled, d.unlabeled_rest)
+    rows = np.unique(np.concatenate([split.labeled, split.val, split.test, pool]))
+    paths = list(exp.catalog.images.path.to_numpy()[rows])
+    bad = inspect_images(exp.catalog.root, paths, decode=False, workers=d.num_workers)
+    if bad:
+        shown = "; ".join(list(bad.values())[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(
+            f"{len(bad)} images of {exp.catalog.root} cannot be used ({shown}); remove them, or build a cache "
+            "with `ssl-kvasir prepare` (which leaves them out, each listed) and pass data.cache=DIR"
+        )
+
+
+def fingerprint_callback(current: Mapping[str, Any]):
+    """A Lightning callback that writes ``current`` into every checkpoint under ``run_fingerprint``."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RunFingerprint(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+            checkpoint[FINGERPRINT_KEY] = dict(current)
+
+    return RunFingerprint()
+
+
+@contextlib.contextmanager
+def interruptions(trainer, last: Path) -> Iterator[None]:
+    """Turn a fit that Lightning stopped on a signal into :class:`FitInterrupted`.
+
+    Lightning catches both signals itself: on SIGTERM its signal connector raises ``SIGTERMException`` (a
+    ``SystemExit`` whose status is 0) at the next batch; on Ctrl-C it shuts down and calls ``sys.exit(1)``.
+    Neither tells the user that the run can be resumed, and the first reports success.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        yield
+    except SIGTERMException:
+        raise FitInterrupted("SIGTERM", last if last.exists() else None) from None
+    except SystemExit:
+        if trainer.interrupted:
+            raise FitInterrupted("SIGINT", last if last.exists() else None) from None
+        raise

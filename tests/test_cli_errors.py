@@ -1,0 +1,204 @@
+"""Every bad input is one line: a table of bad values, files and folders walked through the real command line.
+
+For each case: the exit status (2: bad input or config), exactly one ``ssl-kvasir <command>: error:`` line
+naming the key or file, and no traceback anywhere in the output. Config values are refused before torch is
+imported, so in about a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_kvasir import cli
+from ssl_kvasir.config import ANALYZE_RULES, compose, method_names, validate
+from ssl_kvasir.errors import ConfigError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ssl_kvasir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=cwd,
+    )
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, command: str, status: int, *named: str) -> str:
+    """The exit status, one error line naming everything in ``named``, no traceback; returns the line."""
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output
+    assert proc.returncode == status, output
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"ssl-kvasir {command}:")]
+    assert len(lines) == 1, output
+    for name in named:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(synth_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files the table points at: a split file with a '..' row, a damaged checkpoint, a run folder holding a
+    damaged last.ckpt, a regular file where a folder should be."""
+    tmp = tmp_path_factory.mktemp("bad")
+    split = tmp / "dotdot_split.csv"
+    lines = (synth_archive / "2_fold_split.csv").read_text().splitlines()
+    lines[3] = "../escape.jpg;polyp;0"
+    split.write_text("\n".join(lines) + "\n")
+    damaged = tmp / "damaged.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 this is not a whole zip archive")
+    run = tmp / "run_with_damaged_last"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(damaged, run / "checkpoints" / "last.ckpt")
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    return {"split": split, "damaged": damaged, "run": run, "file": a_file}
+
+
+# (command, arguments, exit status, what the one line must name); {root}, {split}, {out} and the keys of the
+# bad_inputs fixture are filled in per test.
+FIT = ["data.root={root}", "data.split_file={split}", "output_dir={out}", "logger=csv"]
+CASES = [
+    ("fit", [*FIT, "data.batch_size=0"], 2, ["data.batch_size", "0"]),
+    ("fit", [*FIT, "data.image_size=0"], 2, ["data.image_size"]),
+    ("fit", [*FIT, "data.label_fraction=abc"], 2, ["data.label_fraction", "abc"]),
+    ("fit", [*FIT, "data.label_fraction=1.5"], 2, ["data.label_fraction", "(0, 1]"]),
+    ("fit", [*FIT, "data.labels_per_class=5"], 2, ["data.label_fraction", "data.labels_per_class"]),
+    ("fit", [*FIT, "data.val_fraction=1"], 2, ["data.val_fraction"]),
+    ("fit", [*FIT, "data.num_workers=-1"], 2, ["data.num_workers"]),
+    ("fit", [*FIT, "data.sampler=balanced"], 2, ["data.sampler", "class_balanced"]),
+    ("fit", [*FIT, "trainer.max_steps=0"], 2, ["trainer.max_steps"]),
+    ("fit", [*FIT, "trainer.precision=17"], 2, ["trainer.precision", "bf16-mixed"]),
+    ("fit", [*FIT, "trainer.devices=0"], 2, ["trainer.devices"]),
+    ("fit", [*FIT, "method=fixmatch", "method.threshold=1.5"], 2, ["method.threshold"]),
+    ("fit", [*FIT, "method=fixmatch", "method.masking=adaptive"], 2, ["method.masking", "flexmatch"]),
+    ("fit", [*FIT, "method.lr=0"], 2, ["method.lr"]),
+    ("fit", [*FIT, "method.name=nope"], 2, ["method.name", "fixmatch"]),
+    ("fit", [*FIT, "method=nope"], 2, ["method", "nope"]),
+    ("fit", [*FIT, "data.no_such_key=1"], 2, ["no_such_key"]),
+    ("fit", [*FIT, "backbone.drop_rate=1"], 2, ["backbone.drop_rate"]),
+    ("fit", ["output_dir={out}"], 2, ["data.root"]),
+    ("fit", ["data.root={tmp}/nowhere", "data.split_file={split}", "output_dir={out}"], 2, ["nowhere"]),
+    (
+        "fit",
+        ["data.root={root}", "data.split_file={bad_split}", "output_dir={out}"],
+        2,
+        ["dotdot_split.csv", "'..'"],
+    ),
+    (
+        "fit",
+        ["data.root={root}", "data.split_file={split}", "output_dir={run}"],
+        2,
+        ["last.ckpt", "delete it"],
+    ),
+    ("fit", ["data.root={root}", "data.split_file={split}", "output_dir={file}/run"], 2, ["a_file"]),
+    ("evaluate", [*FIT, "checkpoint={damaged}"], 2, ["damaged.ckpt"]),
+    (
+        "embed",
+        ["checkpoint={damaged}", "data.root={root}", "data.split_file={split}", "embed.batch_size=0"],
+        2,
+        ["embed.batch_size"],
+    ),
+    (
+        "embed",
+        ["checkpoint={damaged}", "data.root={root}", "data.split_file={split}", "output_dir={out}"],
+        2,
+        ["damaged.ckpt"],
+    ),
+    ("check", ["--root", "{tmp}/nowhere"], 2, ["nowhere"]),
+    ("prepare", ["--root", "{root}", "--cache", "{out}/cache", "--size", "0"], 2, ["size"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "status", "named"), CASES, ids=[f"{c[0]}-{c[1][-1]}" for c in CASES]
+)
+def test_bad_input_is_one_line(synth_archive, bad_inputs, tmp_path, command, args, status, named) -> None:
+    fill = {
+        "root": synth_archive,
+        "split": synth_archive / "2_fold_split.csv",
+        "out": tmp_path / "out",
+        "tmp": tmp_path,
+        "bad_split": bad_inputs["split"],
+        "damaged": bad_inputs["damaged"],
+        "run": bad_inputs["run"],
+        "file": bad_inputs["file"],
+    }
+    proc = run_cli(command, *[a.format(**fill) for a in args])
+    assert_one_line(proc, command, status, *named)
+
+
+def test_config_values_are_refused_before_torch_is_imported() -> None:
+    code = (
+        "import sys\n"
+        "from ssl_kvasir.cli import main\n"
+        "rc = main(['fit', 'data.root=/x', 'output_dir=/y', 'data.batch_size=0'])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip() == "torch not imported"
+    assert "data.batch_size must be an integer >= 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("protocol", ["matched", "paper"])
+def test_every_shipped_config_passes_validation(method: str, protocol: str) -> None:
+    validate(compose("fit", [f"method={method}", f"protocol={protocol}", "data.root=/x", "output_dir=/y"]))
+    validate(compose("analyze", ["checkpoint=c.ckpt", "data.root=/x"]), ANALYZE_RULES)
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml")),
+)
+def test_every_experiment_config_passes_validation(experiment: str) -> None:
+    validate(compose("fit", [f"experiment={experiment}", "data.root=/x", "output_dir=/y"]))
+
+
+def test_validation_names_every_bad_key_on_one_line() -> None:
+    cfg = compose(
+        "fit",
+        ["data.root=/x", "output_dir=/y", "data.batch_size=true", "data.mu=-1", "trainer.devices=[0,1]"],
+    )
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    message = str(e.value)
+    assert "\n" not in message
+    # A boolean is not a count; a list of device indices is a valid devices value.
+    assert "data.batch_size must be an integer >= 1, got True" in message
+    assert "data.mu must be an integer >= 0, got -1" in message
+    assert "trainer.devices" not in message
+
+
+def test_os_errors_map_to_failed_or_bad_input(monkeypatch, capsys) -> None:
+    """A full disk is a failure of the machine (1); an unwritable path is bad input (2); either is one line."""
+
+    def full(argv):
+        raise OSError(
+            errno.ENOSPC, "cannot write checkpoint /r/checkpoints/last.ckpt: No space left on device"
+        )
+
+    def denied(argv):
+        raise PermissionError(errno.EACCES, "cannot write /r/results.json: Permission denied")
+
+    monkeypatch.setitem(cli.COMMANDS, "full", (full, ""))
+    monkeypatch.setitem(cli.COMMANDS, "denied", (denied, ""))
+    assert cli.main(["full"]) == 1
+    assert cli.main(["denied"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "ssl-kvasir full: error: [Errno 28] cannot write checkpoint /r/checkpoints/last.ckpt: No space left on device",
+        "ssl-kvasir denied: error: [Errno 13] cannot write /r/results.json: Permission denied",
+    ]
