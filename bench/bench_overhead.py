@@ -1,79 +1,37 @@
 """Framework overhead of a FixMatch step: Lightning (the real FixMatch module + Trainer) vs a plain torch loop.
 
-Baseline: a hand-written loop doing the same computation as ``FixMatch.training_step`` with the EMA teacher
-(one forward of the labeled and strong batches, an EMA forward of the weak batch, fixed-threshold masking,
-cross-entropy + masked cross-entropy, SGD with Nesterov momentum and the weight-decay split, the cosine
-schedule, the EMA update, the loss-finiteness check and the pseudo-label bookkeeping). Ours: the FixMatch
+Baseline: a hand-written loop doing the same computation as ``FixMatch.training_step`` (the default teacher,
+the live network labelling the weak view in the same forward pass as the labeled and strong batches; or the
+EMA teacher, an EMA forward of the weak batch), fixed-threshold masking, cross-entropy + masked
+cross-entropy, SGD with Nesterov momentum and the weight-decay split, the cosine schedule, the EMA update,
+the loss-finiteness check and the pseudo-label bookkeeping. Ours: the FixMatch
 LightningModule driven by ``lightning.Trainer`` as ``ssl-kvasir fit`` drives it (CSV logger, no progress
 bar). Both start from the same weights and consume the same pre-built in-memory batches, so data loading is
 excluded from both; the two end in the same weights, which is printed as a check that they did the same work.
 The two run in lockstep: after each Lightning step, a callback runs the torch loop's step on the same batch,
-so both see the same load of the shared machine; rates are one over the median step time (the median
-ignores the steps that another process interrupted; only the ratio matters).
+so both see the same load of the shared machine; the speed ratio is the median over steps of the paired
+ratio torch step time / Lightning step time (the median ignores the steps that another process interrupted).
+Target (issue 14): Lightning within 5 % of the plain loop, a speed ratio >= 0.95.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
-import statistics
 import tempfile
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from harness import Paired, Replay, closing_line, fixmatch_batches, paired_summary, parser
 
 NUM_CLASSES = 23
+TARGET = 0.95
 
 
-def make_batches(
-    n: int, batch_size: int, mu: int, image_size: int, num_unlabeled: int, seed: int
-) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """``n`` FixMatch batches in the DataModule's format (``lb``: weak + label; ``ulb``: weak, strong, pos,
-    label), filled with seeded noise: the content does not change the work of a step."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (3, image_size, image_size)
-    n_ulb = mu * batch_size
-    batches = []
-    for _ in range(n):
-        batches.append(
-            {
-                "lb": {
-                    "weak": torch.randn(batch_size, *shape, generator=g),  # (B, 3, H, W)
-                    "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=g),  # (B,)
-                },
-                "ulb": {
-                    "weak": torch.randn(n_ulb, *shape, generator=g),  # (mu B, 3, H, W)
-                    "strong": torch.randn(n_ulb, *shape, generator=g),  # (mu B, 3, H, W)
-                    "pos": torch.randint(0, num_unlabeled, (n_ulb,), generator=g),  # (mu B,)
-                    # Half of the pool's images have a known label (the training fold's rest), as in a real run.
-                    "label": torch.where(
-                        torch.rand(n_ulb, generator=g) < 0.5,
-                        torch.randint(0, NUM_CLASSES, (n_ulb,), generator=g),
-                        torch.full((n_ulb,), -1),
-                    ),  # (mu B,)
-                },
-            }
-        )
-    return batches
-
-
-class Replay:
-    """An iterable over pre-built batches (Lightning takes any iterable with a length as a loader)."""
-
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _fixmatch_kwargs(total_steps: int, lr: float, num_unlabeled: int) -> dict:
+def _fixmatch_config(total_steps: int, lr: float, num_unlabeled: int, teacher: str) -> dict:
+    """FixMatch's config values as ``ssl-kvasir fit`` passes them (configs/method/common.yaml + fixmatch.yaml)."""
     return {
         "class_names": [f"class_{c}" for c in range(NUM_CLASSES)],
         "num_unlabeled": num_unlabeled,
@@ -82,7 +40,7 @@ def _fixmatch_kwargs(total_steps: int, lr: float, num_unlabeled: int) -> dict:
         "lambda_u": 1.0,
         "masking": "fixed",
         "alignment": None,
-        "teacher": "ema",
+        "teacher": teacher,
         "optimizer": "sgd",
         "lr": lr,
         "momentum": 0.9,
@@ -136,16 +94,24 @@ class TorchFixMatch:
         x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
         ulb = batch["ulb"]
         x_ulb_w, x_ulb_s, idx_ulb, y_ulb = ulb["weak"], ulb["strong"], ulb["pos"], ulb["label"]
-        logits_lb, logits_ulb_s = self.model(torch.cat([x_lb, x_ulb_s])).split([len(x_lb), len(x_ulb_s)])
-        with torch.no_grad():
-            probs_w = self.ema(x_ulb_w).float().softmax(1)  # (mu B, C)
+        n_lb, n_ulb = len(x_lb), len(x_ulb_w)
+        if self.hp["teacher"] == "model":
+            logits = self.model(torch.cat([x_lb, x_ulb_w, x_ulb_s]))  # (B + 2 mu B, C)
+            logits_lb, logits_ulb_w, logits_ulb_s = logits.split([n_lb, n_ulb, n_ulb])
+            probs_w = logits_ulb_w.detach().float().softmax(1)  # (mu B, C)
+        else:
+            logits_lb, logits_ulb_s = self.model(torch.cat([x_lb, x_ulb_s])).split([n_lb, n_ulb])
+            with torch.no_grad():
+                probs_w = self.ema(x_ulb_w).float().softmax(1)  # (mu B, C)
         mask = self.masking(probs_w, idx_ulb)  # (mu B,)
+        self.masking.update(probs_w, idx_ulb)
         pseudo = probs_w.argmax(1)  # (mu B,)
         loss_u = masked_cross_entropy(logits_ulb_s, pseudo, mask)
         loss = F.cross_entropy(logits_lb, y_lb) + self.hp["lambda_u"] * loss_u
         known = (y_ulb >= 0) & (mask > 0)
-        self.pl_total += torch.bincount(pseudo[known], minlength=NUM_CLASSES)
-        self.pl_correct += torch.bincount(pseudo[known & (pseudo == y_ulb)], minlength=NUM_CLASSES)
+        correct = known & (pseudo == y_ulb)
+        self.pl_total.scatter_add_(0, pseudo, known.float())
+        self.pl_correct.scatter_add_(0, pseudo, correct.float())
         if not torch.isfinite(loss):
             raise RuntimeError("the loss diverged")
         self.opt.zero_grad(set_to_none=True)
@@ -155,7 +121,7 @@ class TorchFixMatch:
         self.ema.update(self.model)
 
 
-def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_unlabeled: int):
+def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_unlabeled: int, teacher: str):
     """Train the real FixMatch module with a Trainer and, after each of its steps, the torch loop on the same
     batch, so that each pair of steps runs under the same load of the shared machine.
 
@@ -169,7 +135,7 @@ def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_u
 
     from ssl_kvasir.methods import FixMatch
 
-    hp = _fixmatch_kwargs(len(batches), lr, num_unlabeled)
+    hp = _fixmatch_config(len(batches), lr, num_unlabeled, teacher)
     baseline = TorchFixMatch(torch_net, hp)
 
     class Lockstep(Callback):
@@ -192,7 +158,7 @@ def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_u
             if batch_idx > 0:
                 self.torch.append(self.resumed - start)
 
-    module = FixMatch(network=lightning_net, **hp)
+    module = FixMatch.from_config(lightning_net, **hp)
     clock = Lockstep()
     with tempfile.TemporaryDirectory() as out:
         trainer = L.Trainer(
@@ -216,15 +182,20 @@ def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_u
     return clock.lightning, clock.torch, module.model, baseline.model
 
 
-def bench(backbone: str, image_size: int, batch_size: int, mu: int, steps: int, warmup: int) -> None:
+def bench(
+    backbone: str, image_size: int, batch_size: int, mu: int, steps: int, warmup: int, teacher: str
+) -> Paired:
+    """One configuration in lockstep; prints its line and returns the paired torch/Lightning step times."""
     from ssl_kvasir.models import build_network
 
     num_unlabeled = 10_000
     torch.manual_seed(0)
     initial = build_network(backbone, NUM_CLASSES)
-    batches = make_batches(warmup + steps, batch_size, mu, image_size, num_unlabeled, seed=0)
+    batches = fixmatch_batches(
+        warmup + steps, batch_size, mu, image_size, num_classes=NUM_CLASSES, num_unlabeled=num_unlabeled
+    )
     lt, pt, lnet, tnet = run_lockstep(
-        copy.deepcopy(initial), copy.deepcopy(initial), batches, 0.03, num_unlabeled
+        copy.deepcopy(initial), copy.deepcopy(initial), batches, 0.03, num_unlabeled, teacher
     )
     # The first steps (allocator warm-up, Lightning's first-batch setup) are not timed.
     lt, pt = lt[warmup - 1 :], pt[warmup - 1 :]
@@ -233,32 +204,38 @@ def bench(backbone: str, image_size: int, batch_size: int, mu: int, steps: int, 
         for a, b in zip(lnet.state_dict().values(), tnet.state_dict().values(), strict=True)
         if a.dtype.is_floating_point
     )
-    l_ms, t_ms = 1e3 * statistics.median(lt), 1e3 * statistics.median(pt)
-    paired = statistics.median(a / b for a, b in zip(lt, pt, strict=True))
+    paired = paired_summary(lt, pt)  # ratio: Lightning step time / torch step time, median over steps
+    l_ms, t_ms = 1e3 * paired.median_a, 1e3 * paired.median_b
     print(
-        f"fixmatch step {backbone} {image_size}px B={batch_size} mu={mu}, {len(lt)} timed steps (median): "
-        f"torch loop {1e3 / t_ms:6.2f} steps/s ({t_ms:6.1f} ms) | Lightning {1e3 / l_ms:6.2f} steps/s "
-        f"({l_ms:6.1f} ms) | Lightning/torch speed {t_ms / l_ms:.3f}x, step time ratio (paired median) "
-        f"{paired:.3f}, overhead {l_ms - t_ms:+.1f} ms/step | max weight difference after training {drift:.2e}"
+        f"fixmatch step {backbone} {image_size}px B={batch_size} mu={mu} teacher={teacher}, {len(lt)} timed steps: "
+        f"torch loop {t_ms:6.1f} ms | Lightning {l_ms:6.1f} ms (medians) | overhead {l_ms - t_ms:+.1f} ms/step | "
+        f"Lightning/torch speed (paired median) {1 / paired.ratio:.3f}x | max weight difference {drift:.2e}"
     )
+    return paired
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small configuration, fewer steps")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)"
-    )
-    args = parser.parse_args()
+    p = parser(__doc__, quick="one small configuration (the default teacher), fewer steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Lightning's hints about workers and loggers are not what is measured
     import lightning  # noqa: F401 - its import sets its loggers' levels, which are lowered after it
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    configs = [("test_resnet", 32)] if args.quick else [("test_resnet", 32), ("resnet10t", 64)]
-    for backbone, size in configs:
-        bench(backbone, size, batch_size=16, mu=7, steps=20 if args.quick else 60, warmup=5)
+    configs = [("test_resnet", 32, "model")]
+    if not args.quick:
+        configs += [("test_resnet", 32, "ema"), ("resnet10t", 64, "model")]
+    speeds = []
+    for backbone, size, teacher in configs:
+        paired = bench(
+            backbone, size, batch_size=16, mu=7, steps=20 if args.quick else 60, warmup=5, teacher=teacher
+        )
+        speeds.append(1 / paired.ratio)
+    closing_line(
+        "overhead", "Lightning / torch loop speed (worst configuration)", min(speeds), ">=", TARGET, digits=3
+    )
 
 
 if __name__ == "__main__":

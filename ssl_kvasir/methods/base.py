@@ -276,6 +276,23 @@ class BaseMethod(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self._live_modules())
 
+    def log_training_step(self, values: dict[str, torch.Tensor]) -> None:
+        """Log a training step's scalars (and show them in the progress bar) on the steps where they are read.
+
+        Each ``self.log`` call costs Lightning bookkeeping on the host (about 0.2 ms a key here, a walk over
+        its stored result), while the logger writes only every ``trainer.log_every_n_steps`` steps. So the
+        values are logged on those steps, on an epoch's last batch (for the console line) and, when a progress
+        bar is shown, on every step.
+        """
+        trainer = self._trainer
+        if (
+            trainer is None
+            or trainer.progress_bar_callback is not None
+            or trainer.is_last_batch
+            or trainer._logger_connector.should_update_logs  # Lightning's own rule for the logger's writes
+        ):
+            self.log_dict(values, prog_bar=True)
+
     def labeled_loss(
         self, logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None
     ) -> torch.Tensor:

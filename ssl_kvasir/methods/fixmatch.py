@@ -97,18 +97,19 @@ class FixMatch(BaseMethod):
         loss = loss_x + self.hparams.lambda_u * loss_u
 
         known = (y_ulb >= 0) & (mask > 0)
-        self._pl_total += torch.bincount(pseudo[known], minlength=self.num_classes)
-        self._pl_correct += torch.bincount(pseudo[known & (pseudo == y_ulb)], minlength=self.num_classes)
-        pl_acc = (pseudo[known] == y_ulb[known]).float().mean() if known.any() else torch.tensor(float("nan"))
-        self.log_dict(
+        correct = known & (pseudo == y_ulb)  # (mu B,)
+        # scatter_add_ rather than bincount or boolean indexing: neither makes the host wait for the GPU.
+        self._pl_total.scatter_add_(0, pseudo, known.float())
+        self._pl_correct.scatter_add_(0, pseudo, correct.float())
+        pl_acc = correct.sum() / known.sum()  # NaN (0 / 0) when no known image's pseudo-label passed the mask
+        self.log_training_step(
             {
                 "train/loss": loss,
                 "train/loss_x": loss_x,
                 "train/loss_u": loss_u,
                 "train/mask_rate": mask.mean(),
                 "train/pl_acc": pl_acc,
-            },
-            prog_bar=True,
+            }
         )
         return loss
 
