@@ -303,8 +303,9 @@ def make_results(
         "metrics_weights": module.hparams.eval_weights,
         "val_metrics": {k: float(v) for k, v in val["metrics"].items()} if val else None,
         "selection": f"best {cfg.trainer.monitor} on the validation part of the training folds"
+        + (" (inside the label budget)" if exp.split.settings["val_policy"] == "budget" else "")
         if val
-        else "last checkpoint (no validation images)",
+        else f"last checkpoint (no validation images, data.val_policy={exp.split.settings['val_policy']})",
         "per_class": per_class_report(test["confusion_matrix"], names),
         # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.
         "unlabeled_prior": getattr(module, "unlabeled_prior", None),
