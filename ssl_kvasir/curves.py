@@ -4,7 +4,8 @@ A *curve* is one method on one backbone; its points are label budgets, either a 
 training images (``label_fraction``) or a number of labeled images per class (``labels_per_class``). A point is
 the mean, the sample standard deviation and the number of the runs at that budget, over folds and seeds alike.
 The paper's supervised DenseNet-161 trained on every label (Borgli et al. 2020, Table 3) is drawn as a dashed
-reference line: the curves show what share of the labels a method needs to reach it.
+reference line when the runs are on HyperKvasir (not for another data set): the curves show what share of
+the labels a method needs to reach it. With W&B, the curves are also native W&B line charts (:func:`log_to_wandb`).
 
 Every ``results.json`` below the given folders counts as one run; the per-round ``round_results.json`` files of
 self-training do not (the run's own ``results.json`` holds its last round).
@@ -45,6 +46,7 @@ RUN_COLUMNS = [
     "data_seed",
     "protocol",
     "val_policy",
+    "data_source",
 ]
 
 
@@ -89,6 +91,8 @@ def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
         # Runs written before these were recorded: the protocol is unknown, validation came from the fold.
         "protocol": results.get("protocol") or "unrecorded",
         "val_policy": results.get("val_policy") or "fold",
+        # hyperkvasir or folder (another data set): the paper's reference line is HyperKvasir's only.
+        "data_source": ((results.get("config") or {}).get("data") or {}).get("source"),
     }
     for key in metrics:
         if key not in scores:
@@ -165,18 +169,31 @@ def format_budget(kind: str, budget: float) -> str:
     return f"{100 * budget:g} %" if kind == FRACTION else f"{int(budget)}/class"
 
 
-def reference_figures(metrics: Sequence[str]) -> dict[str, float]:
-    """The paper's DenseNet-161 figures (100 % labels) for those of ``metrics`` it reports."""
+def shows_reference(runs: pd.DataFrame) -> bool:
+    """Whether the paper's HyperKvasir reference belongs beside these runs: none of them trained on another data
+    set (``config.data.source`` other than ``hyperkvasir``; runs that do not record it count as HyperKvasir)."""
+    sources = set(runs["data_source"].dropna()) if "data_source" in runs else set()
+    return sources <= {"hyperkvasir"}
+
+
+def reference_figures(metrics: Sequence[str], shown: bool = True) -> dict[str, float]:
+    """The paper's DenseNet-161 figures (100 % labels) for those of ``metrics`` it reports (none when not
+    ``shown``: the runs are not on HyperKvasir)."""
+    if not shown:
+        return {}
     row = PAPER_TABLE3[REFERENCE_ROW] or {}
     return {m: float(row[m]) for m in metrics if row.get(m) is not None}
 
 
 def render_markdown(
-    summary: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS, n_runs: int | None = None
+    summary: pd.DataFrame,
+    metrics: Sequence[str] = CURVE_METRICS,
+    n_runs: int | None = None,
+    reference: bool = True,
 ) -> str:
     """One table per metric (and budget kind): a row per method and backbone, a column per budget, cells
-    ``mean ± std (n)``."""
-    reference = reference_figures(metrics)
+    ``mean ± std (n)``; the paper's figures quoted when ``reference`` (:func:`shows_reference`)."""
+    reference = reference_figures(metrics, reference)
     lines = ["# Label efficiency", ""]
     intro = "Mean ± sample standard deviation over folds and seeds (number of runs) on the evaluation folds"
     if n_runs is not None:
@@ -227,7 +244,7 @@ def _cell(mean: float, std: float, n: int) -> str:
     return f"{mean:.3f} ({n})" if pd.isna(std) else f"{mean:.3f} ± {std:.3f} ({n})"
 
 
-def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path) -> Path:
+def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path, reference: bool = True) -> Path:
     """``metric`` against label budget on a log axis: a panel per metric (a row per budget kind), a line per
     method and backbone with error bars and a ± std band, the paper's reference as a dashed line. Written
     atomically as PNG."""
@@ -238,7 +255,7 @@ def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path) -> Pa
     kinds = budget_kind_of(summary)
     budgets = budget_of(summary)
     rows = [k for k in (FRACTION, PER_CLASS) if (kinds == k).any()]
-    reference = reference_figures(metrics)
+    reference = reference_figures(metrics, reference)
     fig = Figure(figsize=(4.2 * len(metrics), 3.6 * len(rows)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), len(metrics), squeeze=False)
@@ -325,18 +342,60 @@ def open_wandb_run(project: str, entity: str | None, out: Path):
     )
 
 
-def log_to_wandb(run, summary: pd.DataFrame, png: Path) -> None:
-    """The summary as a ``wandb.Table`` and the figure as an image, in ``run``."""
+def curve_series(
+    summary: pd.DataFrame, metric: str, kind: str
+) -> tuple[list[list[float]], list[list[float]], list[str]]:
+    """The lines of one native W&B chart: for each method and backbone, the mean of ``metric`` against the
+    budget (in %, or labels per class) and, where several runs make a point, the mean - std and mean + std
+    lines around it.
+
+    Returns:
+        ``(xs, ys, keys)`` for ``wandb.plot.line_series``: one x list, one y list and one name per line.
+    """
+    kinds = budget_kind_of(summary)
+    part = summary[kinds == kind]
+    budgets = budget_of(summary)[part.index]
+    xs, ys, keys = [], [], []
+    for (method, backbone), curve in part.groupby(["method", "backbone"], sort=True):
+        x = budgets[curve.index].to_numpy() * (100.0 if kind == FRACTION else 1.0)  # (P,)
+        mean = curve[f"{metric}_mean"].to_numpy()  # (P,)
+        std = curve[f"{metric}_std"].to_numpy()  # (P,) NaN where one run
+        name = f"{method} ({backbone})"
+        xs.append(x.tolist())
+        ys.append(mean.tolist())
+        keys.append(name)
+        spread = ~np.isnan(std)
+        if spread.any():
+            for sign, label in ((-1, "- std"), (1, "+ std")):
+                xs.append(x[spread].tolist())
+                ys.append((mean + sign * std)[spread].tolist())
+                keys.append(f"{name} {label}")
+    return xs, ys, keys
+
+
+def log_to_wandb(run, summary: pd.DataFrame, png: Path, metrics: Sequence[str] = CURVE_METRICS) -> None:
+    """Into ``run``: a native W&B line chart per metric and budget kind (``label_efficiency/<metric>``, or
+    ``label_efficiency/<metric>_per_class`` for labels-per-class budgets: a line per method with its ± std
+    lines, :func:`curve_series`), the summary as a ``wandb.Table`` and the figure as an image."""
     import wandb
 
-    run.log(
-        {
-            "label_efficiency/table": wandb.Table(
-                dataframe=summary.astype(object).where(summary.notna(), None)
-            ),
-            "label_efficiency/curves": wandb.Image(str(png)),
-        }
-    )
+    logged = {
+        "label_efficiency/table": wandb.Table(dataframe=summary.astype(object).where(summary.notna(), None)),
+        "label_efficiency/curves": wandb.Image(str(png)),
+    }
+    kinds = set(budget_kind_of(summary))
+    for kind in (FRACTION, PER_CLASS):
+        if kind not in kinds:
+            continue
+        for metric in metrics:
+            xs, ys, keys = curve_series(summary, metric, kind)
+            label = METRIC_LABELS.get(metric, metric)
+            by = "% of the labels" if kind == FRACTION else "labeled images per class"
+            suffix = "" if kind == FRACTION else "_per_class"
+            logged[f"label_efficiency/{metric}{suffix}"] = wandb.plot.line_series(
+                xs=xs, ys=ys, keys=keys, title=f"{label} by {by}", xname=by
+            )
+    run.log(logged)
 
 
 @dataclass
@@ -375,7 +434,8 @@ def write_curves(
     out = Path(out)
     runs = load_runs(paths, metrics)
     summary = summarize(runs, metrics)
-    markdown = render_markdown(summary, metrics, n_runs=len(runs))
+    reference = shows_reference(runs)
+    markdown = render_markdown(summary, metrics, n_runs=len(runs), reference=reference)
     files = {
         "csv": out / "label_efficiency.csv",
         "md": out / "label_efficiency.md",
@@ -385,8 +445,8 @@ def write_curves(
     summary.to_csv(buffer, index=False, float_format="%.6g")
     atomic_write_text(files["csv"], buffer.getvalue())
     atomic_write_text(files["md"], markdown)
-    plot_curves(summary, metrics, files["png"])
+    plot_curves(summary, metrics, files["png"], reference=reference)
     run = wandb_run if wandb_run is not None else active_wandb_run()
     if run is not None:
-        log_to_wandb(run, summary, files["png"])
+        log_to_wandb(run, summary, files["png"], metrics)
     return CurvesReport(runs, summary, markdown, files, wandb_logged=run is not None)

@@ -215,6 +215,42 @@ def test_wandb_offline_run_gets_the_table(
     assert tables and images
     logged = json.loads(tables[0].read_text())
     assert len(logged["data"]) == 4 and "mcc_mean" in logged["columns"]
+    # A native W&B line chart per metric (and budget kind): its data table, and the chart in the run's record.
+    record = next(run_dirs[0].glob("run-*.wandb")).read_bytes()
+    # Three metrics x two kinds of budget (the fixture has a labels-per-class point).
+    assert record.count(b"wandb/lineseries/v0") == 6
+    for metric in ("mcc", "macro_f1", "micro_f1"):
+        for key in (metric, f"{metric}_per_class"):
+            assert list(run_dirs[0].rglob(f"label_efficiency/{key}_table_*.table.json")), key
+    chart = json.loads(next(run_dirs[0].rglob("label_efficiency/mcc_table_*.table.json")).read_text())
+    assert chart["columns"] == ["step", "lineKey", "lineVal"]
+    points = {(key, x): y for x, key, y in chart["data"]}
+    # FixMatch at 10 %: mean 0.65 and std sqrt(0.05 / 3) over four runs (as in the hand computation above).
+    assert points[("fixmatch (resnet18)", 10.0)] == pytest.approx(0.65)
+    assert points[("fixmatch (resnet18) + std", 10.0)] == pytest.approx(0.65 + math.sqrt(0.05 / 3))
+    assert points[("fixmatch (resnet18) - std", 10.0)] == pytest.approx(0.65 - math.sqrt(0.05 / 3))
+    assert points[("supervised (resnet18)", 100.0)] == pytest.approx(0.85)
+    assert ("supervised (resnet18) + std", 10.0) not in points  # one run at 10 %: no spread to draw
     import wandb
 
     assert wandb.run is None  # the CLI closed the run it opened
+
+
+def test_reference_only_for_hyperkvasir_runs(sweep: Path, tmp_path: Path) -> None:
+    """The paper's DenseNet-161 line is HyperKvasir's: runs on another data set (data.source=folder) get none."""
+    other = tmp_path / "kvasir_v2"
+    for fold, mcc in ((0, 0.4), (1, 0.5)):
+        path = write_run(other, "supervised", 1.0, fold, 0, mcc=mcc, macro_f1=0.3, micro_f1=0.6)
+        results = json.loads(path.read_text())
+        results["config"]["data"] = {"source": "folder"}
+        path.write_text(json.dumps(results))
+    report = write_curves([other], tmp_path / "other_curves")
+    assert "DenseNet-161" not in report.markdown and "0.899" not in report.markdown
+    with_reference = write_curves([sweep], tmp_path / "hk_curves")
+    assert "MCC 0.899" in with_reference.markdown
+    # The plot differs by the reference line alone: drawn for HyperKvasir, not for the folder data set.
+    from ssl_kvasir.curves import plot_curves
+
+    a = plot_curves(report.summary, ["mcc"], tmp_path / "a.png", reference=False).read_bytes()
+    b = plot_curves(report.summary, ["mcc"], tmp_path / "b.png", reference=True).read_bytes()
+    assert a != b
