@@ -3,10 +3,11 @@
 The paper's protocol trains on one fold and evaluates on the other; the evaluation fold is only ever read by
 the final test. Model selection needs labeled images too, and where they come from decides what a result at a
 small label budget means. Oliver et al. (2018), "Realistic evaluation of deep semi-supervised learning
-algorithms": "using a validation set which is much larger than the training set ... is unrealistic" (their
-Sec. 3.6). So by default (``val_policy="budget"``) the validation images are part of the label budget: a run at
-fraction f, or at N images per class, has exactly the labeled images that a user with that budget has, split
-into training and validation. ``"none"`` trains on the whole budget and keeps the last weights (the FixMatch
+algorithms", point out that a validation set larger than the labeled training set is unrealistic: whoever has
+that many labels trains on them, and model selection on them flatters low-budget results. So by default
+(``val_policy="budget"``) the validation images are part of the label budget: a run at fraction f, or at N
+images per class, has exactly the labeled images that a user with that budget has, split into training and
+validation. ``"none"`` trains on the whole budget and keeps the last weights (the FixMatch
 paper reports its final EMA weights); ``"fold"`` carves validation out of the whole training fold, outside the
 budget (this toolkit's former behaviour, an explicit opt-in).
 
