@@ -186,3 +186,97 @@ def test_stratified_folds_balance_every_class():
         counts = np.bincount(folds[labels == c], minlength=2)
         assert abs(counts[0] - counts[1]) <= 1
     assert (folds == stratified_folds(labels, 2, seed=0)).all()
+
+
+def _bomb_png(path: Path, width: int = 20_000, height: int = 10_000) -> None:
+    """A PNG whose header claims 200 M pixels (over PIL's decompression-bomb limit) and holds one row."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def damaged_archive(tmp_path, synth_archive) -> tuple[Path, dict[str, str]]:
+    """A copy of the synthetic archive with one image of each kind that cannot be used, keyed by kind."""
+    root = tmp_path / "archive"
+    shutil.copytree(synth_archive, root)
+    cat = load_catalog(root, split_file=root / "2_fold_split.csv")
+    paths = list(cat.labeled.path.iloc[[0, 10, 20, 30]]) + [cat.unlabeled.path.iloc[0]]
+    kinds = dict(zip(["empty", "truncated", "not_an_image", "bomb", "appended"], paths, strict=True))
+    (root / kinds["empty"]).write_bytes(b"")
+    data = (root / kinds["truncated"]).read_bytes()
+    (root / kinds["truncated"]).write_bytes(data[: len(data) // 2])
+    (root / kinds["not_an_image"]).write_text("<html>404 Not Found</html>")
+    _bomb_png(root / kinds["bomb"])
+    # Not damaged: bytes after the JPEG's end marker (some cameras append data); must not be reported.
+    with (root / kinds["appended"]).open("ab") as f:
+        f.write(b"\x00trailing metadata" * 400)
+    return root, kinds
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_inspect_images_names_every_unusable_file(damaged_archive, decode) -> None:
+    from ssl_kvasir.data.archive import inspect_images
+
+    root, kinds = damaged_archive
+    cat = load_catalog(root, split_file=root / "2_fold_split.csv")
+    bad = inspect_images(root, list(cat.images.path), decode=decode, workers=2)
+    expected = {kinds[k] for k in ("empty", "truncated", "not_an_image", "bomb")}
+    assert set(bad) == expected
+    assert "empty file (0 bytes)" in bad[kinds["empty"]]
+    assert "truncated" in bad[kinds["truncated"]]
+    assert "not an image file" in bad[kinds["not_an_image"]]
+    assert "decompression bomb" in bad[kinds["bomb"]]
+    assert all(reason.startswith(path) for path, reason in bad.items())
+    # In-process and in a pool alike, in the order of the paths.
+    assert bad == inspect_images(root, list(cat.images.path), decode=decode, workers=0)
+    assert list(bad) == [p for p in cat.images.path if p in bad]
+
+
+@pytest.mark.parametrize("decode_flag", [[], ["--no-decode"]])
+def test_check_decodes_and_names_bad_images(damaged_archive, capsys, decode_flag) -> None:
+    root, kinds = damaged_archive
+    args = ["check", "--root", str(root), "--split-file", str(root / "2_fold_split.csv"), "--json"]
+    assert main([*args, *decode_flag, "--workers", "2"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["unusable_images"]) == {kinds[k] for k in ("empty", "truncated", "not_an_image", "bomb")}
+    problems = "\n".join(out["problems"])
+    assert f"{kinds['empty']}: empty file (0 bytes)" in problems
+    assert kinds["appended"] not in problems
+
+
+def test_check_reports_empty_folds_and_every_bad_row(tmp_path, synth_archive, capsys) -> None:
+    """A split file with one row in fold 7 (folds 2-6 empty) and a fatal row ('..') among other problems:
+    everything is reported, nothing stops the report."""
+    root = tmp_path / "archive"
+    shutil.copytree(synth_archive, root)
+    split = root / "2_fold_split.csv"
+    lines = split.read_text().splitlines()
+    name, cls, _ = lines[1].split(";")
+    lines[1] = f"{name};{cls};7"
+    lines[2] = "../../etc/passwd;polyp;0"
+    lines.append("a.jpg;no-such-class;1")
+    split.write_text("\n".join(lines) + "\n")
+    assert main(["check", "--root", str(root), "--split-file", str(split), "--json", "--no-decode"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    problems = "\n".join(out["problems"])
+    for k in range(2, 7):
+        assert f"fold {k} holds no image" in problems
+    assert "fold 7 (1 images) holds no image of 22 classes" in problems
+    assert f"{split}:3: file name '../../etc/passwd' must be a bare file name" in problems
+    assert f"{split}:{len(lines)}: unknown class name 'no-such-class'" in problems
+    assert "1 labeled images are not in the split file" in problems  # the '..' row's image
+    assert len(out["folds"]) == 8
+    # Training refuses the same file at once, naming the first bad row and the count of the others.
+    with pytest.raises(DataError, match=r":3: file name .* \(and 1 more problems; `ssl-kvasir check`"):
+        load_catalog(root, split_file=split)

@@ -238,7 +238,7 @@ def _rank_zero() -> bool:
 @contextlib.contextmanager
 def run_folder(out: Path, current: Mapping[str, Any], results_file: str) -> Iterator[None]:
     """Own ``out`` for one fit: check that it holds no other run, lock it (first process of a distributed fit
-    only), record the fingerprint in ``run.json``, and release the lock when the fit ends.
+    only) and release the lock when the fit ends. :func:`begin` records the run once it is sure to start.
 
     Raises:
         RunMismatch, DataError: from :func:`check_folder`.
@@ -250,9 +250,15 @@ def run_folder(out: Path, current: Mapping[str, Any], results_file: str) -> Iter
         return
     with hold_lock(out, f"ssl-kvasir fit into {out}"):
         check_folder(out, current, results_file)  # again: a fit that held the lock may have just written
-        if not (out / RUN_FILE).exists():
-            atomic_write_json(out / RUN_FILE, {"fingerprint": dict(current)})
         yield
+
+
+def begin(out: Path, current: Mapping[str, Any]) -> None:
+    """Record the fingerprint in ``out/run.json`` (first process only), once the run's data have passed
+    :func:`check_experiment`: a run refused before training leaves no record that would refuse its
+    corrected command."""
+    if _rank_zero() and not (out / RUN_FILE).exists():
+        atomic_write_json(out / RUN_FILE, {"fingerprint": dict(current)})
 
 
 def check_experiment(exp, cfg) -> None:

@@ -110,13 +110,15 @@ def fit(cfg: DictConfig) -> dict:
     """
     require(cfg, "output_dir", "data.root")
     out = Path(cfg.output_dir)
-    with guard.run_folder(out, guard.fingerprint(cfg), RESULTS_FILE):
+    identity = guard.fingerprint(cfg)
+    with guard.run_folder(out, identity, RESULTS_FILE):
         if (out / RESULTS_FILE).exists():
             log.warning("%s exists: the run is done (delete it to run again)", out / RESULTS_FILE)
             return json.loads((out / RESULTS_FILE).read_text())
         method_cls = method_class(cfg.method.name)
         exp = load_experiment(cfg.data)
         guard.check_experiment(exp, cfg)
+        guard.begin(out, identity)
         return method_cls.procedure(StageRunner(cfg, exp, method_cls, out))
 
 
