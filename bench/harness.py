@@ -25,9 +25,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda value, target: value >= target,
@@ -128,6 +129,8 @@ def fixmatch_batches(
             images in a real run; about half).
         seed: seed of the noise.
     """
+    import torch  # here, not at the top: the benchmarks without a network do not pay for importing torch
+
     g = torch.Generator().manual_seed(seed)
     shape = (3, image_size, image_size)
     n_ulb = mu * batch_size
