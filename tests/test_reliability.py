@@ -150,6 +150,8 @@ def test_fingerprint_leaves_out_where_and_how_a_run_runs(tmp_path: Path, monkeyp
     assert a["data.root"] == str(tmp_path / "archive")
     c = fingerprint(compose("fit", [*base, "seed=1", "trainer.max_steps=5"]))
     assert differences(a, c) == ["data.seed: 0 -> 1", "seed: 0 -> 1", "trainer.max_steps: 10000 -> 5"]
+    # A key that only one side has (a method's own, or one a newer version added) is not compared.
+    assert differences({**a, "data.new_key": 1}, a) == []
 
 
 # ---- one process per folder ---------------------------------------------------------------------------------
