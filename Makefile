@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 DATA ?=
 LAUNCHER ?= local
 
-.PHONY: install test lint format bench demo pretrain curves table3
+.PHONY: install test lint format bench demo pretrain status curves table3
 
 $(BIN)/ssl-kvasir: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,9 @@ bench: install
 # ---- The label-efficiency study (README: "Label-efficiency study") ----------------------------------------
 # make pretrain DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm]
 #              [PARTITION=.. ACCOUNT=.. GPUS=1 NODES=1 TIME=1440 MEM=.. CPUS=..] [ARGS="extra overrides"]
-# make curves [OUT=runs]
+#              [WAIT=0: submit (slurm) or start in the background (local) and return]
+# make status [OUT=runs]      one line per point: done, running, queued, failed, missing
+# make curves [OUT=runs] [WANDB=0: no W&B run]
 SPLIT ?= $(DATA)/2_fold_split.csv
 CACHE ?=
 OUT ?= runs
@@ -66,13 +68,27 @@ SLURM_OVERRIDES = hydra.launcher.gpus_per_node=$(GPUS) hydra.launcher.tasks_per_
 	$(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(if $(ACCOUNT),hydra.launcher.account=$(ACCOUNT)) \
 	$(if $(MEM),hydra.launcher.mem_gb=$(MEM)) $(if $(CPUS),hydra.launcher.cpus_per_task=$(CPUS))
 
+WAIT ?= 1
+WANDB ?= 1
+NO_WAIT = $(filter 0 false no,$(WAIT))
+PRETRAIN = $(BIN)/python experiments/sweep.py hydra/launcher=$(LAUNCHER) data.root=$(DATA) data.split_file=$(SPLIT) \
+	sweep_root=$(OUT) $(if $(CACHE),data.cache=$(CACHE)) \
+	$(if $(filter slurm,$(LAUNCHER)),$(SLURM_OVERRIDES) hydra.launcher.wait=$(if $(NO_WAIT),false,true)) $(ARGS)
+
 pretrain: install
-	@test -n "$(DATA)" || { echo "usage: make pretrain DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm] [PARTITION=.. ACCOUNT=.. GPUS=.. NODES=.. TIME=.. MEM=.. CPUS=..] [ARGS=\"overrides\"]"; exit 2; }
-	$(BIN)/python experiments/sweep.py hydra/launcher=$(LAUNCHER) data.root=$(DATA) data.split_file=$(SPLIT) \
-		sweep_root=$(OUT) $(if $(CACHE),data.cache=$(CACHE)) $(if $(filter slurm,$(LAUNCHER)),$(SLURM_OVERRIDES)) $(ARGS)
+	@test -n "$(DATA)" || { echo "usage: make pretrain DATA=DIR [SPLIT=FILE] [CACHE=DIR] [OUT=runs] [LAUNCHER=local|slurm] [WAIT=0] [PARTITION=.. ACCOUNT=.. GPUS=.. NODES=.. TIME=.. MEM=.. CPUS=..] [ARGS=\"overrides\"]"; exit 2; }
+ifeq ($(if $(NO_WAIT),$(LAUNCHER),),local)
+	@mkdir -p $(OUT)
+	@nohup $(PRETRAIN) >> $(OUT)/pretrain.log 2>&1 & echo "sweep started in the background (pid $$!), log $(OUT)/pretrain.log; make status OUT=$(OUT)"
+else
+	$(PRETRAIN)
+endif
+
+status: install
+	@$(BIN)/ssl-kvasir status $(OUT)
 
 curves: install
-	$(BIN)/ssl-kvasir curves $(OUT) --out $(OUT)/curves
+	$(BIN)/ssl-kvasir curves $(OUT) --out $(OUT)/curves $(if $(filter 0 false no,$(WANDB)),,--wandb)
 
 demo: install
 	$(BIN)/python experiments/demo.py

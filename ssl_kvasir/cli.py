@@ -464,6 +464,41 @@ def _curves(argv: list[str]) -> int:
     return 0
 
 
+def _status(argv: list[str]) -> int:
+    from ssl_kvasir.status import format_status, sweep_status
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir status",
+        description="Where each point of a sweep stands: done, running (job, step, last checkpoint), queued, "
+        "failed (last log line) or missing.",
+    )
+    p.add_argument("root", type=Path, metavar="DIR", help="the sweep folder (make pretrain's OUT)")
+    a = p.parse_args(argv)
+    if not a.root.is_dir():
+        raise SslKvasirError(f"{a.root} is not a folder")
+    print("\n".join(format_status(sweep_status(a.root), a.root)))
+    return 0
+
+
+def _weights(argv: list[str]) -> int:
+    from ssl_kvasir.weights import fetch_weights, weights_override
+
+    p = argparse.ArgumentParser(
+        prog="ssl-kvasir weights",
+        description="Fetch timm's ImageNet weights once (where the internet is reachable) into a file that "
+        "backbone.weights= loads offline.",
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser("fetch", help="download NAME's weights into DIR/<NAME>.pth")
+    fetch.add_argument("name", metavar="NAME", help="timm model name, or an ensemble joined by '+'")
+    fetch.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the weight files")
+    a = p.parse_args(argv)
+    files = fetch_weights(a.name, a.out)
+    print("\n".join(f"-> {f}" for f in files))
+    print(f"train with: backbone.name={a.name} {weights_override(files)}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (_fit, "train a method (Hydra overrides: method=... data.root=... output_dir=...)"),
     "evaluate": (_evaluate, "re-evaluate a checkpoint on the evaluation fold (checkpoint=CKPT ...)"),
@@ -483,6 +518,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "report": (_report, "average runs per system over folds; Table 3 beside the paper's"),
     "composition": (_composition, "predicted-class counts and agreement of prediction files (Fig. 9)"),
     "curves": (_curves, "label-efficiency curves of a sweep: CSV, Markdown, PNG (and W&B)"),
+    "status": (_status, "one line per point of a sweep: done, running, queued, failed, missing"),
+    "weights": (_weights, "fetch timm ImageNet weights into a file for backbone.weights= (offline clusters)"),
 }
 
 

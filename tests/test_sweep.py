@@ -235,20 +235,79 @@ def test_make_pretrain_slurm_writes_the_sbatch_script(synth_archive: Path, tmp_p
     assert "srun" in script and "submitit" in script
 
 
+def wandb_records(run: Path) -> list:
+    """The records of an offline W&B run (``offline-run-*/run-*.wandb``: a LevelDB-style log of protobuf
+    records in 32 KiB blocks after a 7-byte header), read without W&B's service."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(run.glob("run-*.wandb")).read_bytes()
+    out, pos, pending = [], 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = data if kind in (1, 2) else pending + data  # FULL, FIRST | MIDDLE, LAST
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
 @pytest.mark.slow
-def test_local_launcher_gives_each_run_its_own_wandb_run(synth_archive: Path, tmp_path: Path) -> None:
-    """LAUNCHER=local runs the points one after another in one process: each must close its W&B run, or the
-    next run's logger would log into it."""
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_local_ddp_sweep_fits_each_point_once(synth_archive: Path, tmp_path: Path) -> None:
+    """`make pretrain` with the local launcher over two points, each a 2-process DDP fit on the CPU: every point
+    runs as its own process group, whose second rank Lightning starts by re-running that point alone (not the
+    multirun); each point is fitted once, into one results.json and one W&B run named after it; `make status`
+    then says done for both."""
     root = tmp_path / "runs"
-    cmd = [*sweep_command(synth_archive, root), "hydra/launcher=local", "logger=wandb", "trainer.max_steps=2"]
+    args = [
+        "data.label_fraction=" + ",".join(map(str, FRACTIONS)),
+        "data.fold=1",
+        *[a for a in TINY if a != "logger=csv"],
+        "logger=wandb",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+    ]
+    make = ["make", "-s", f"BIN={BIN}", "-o", f"{BIN}/ssl-kvasir"]
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [*make, "pretrain", f"DATA={synth_archive}", f"OUT={root}", "ARGS=" + " ".join(args)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "already in progress" not in done.stdout + done.stderr
-    assert "Launching 2 jobs locally" in done.stdout + done.stderr  # Hydra's basic launcher, one process
-    assert not (root / ".submitit").exists()
+    assert "Launching 2 of 2 points locally, each in its own process" in done.stdout + done.stderr
+    assert sorted(root.rglob("results.json")) == sorted(run_dir(root, f) / "results.json" for f in FRACTIONS)
     for fraction in FRACTIONS:
-        offline = list((run_dir(root, fraction) / "wandb").glob("offline-run-*"))
-        assert len(offline) == 1, offline
-        results = json.loads((run_dir(root, fraction) / "results.json").read_text())
-        assert results["config"]["logger"]["kind"] == "wandb"
+        point = run_dir(root, fraction)
+        output = (point / "point.log").read_text()
+        assert "distributed_backend=gloo" in output and "Launching" not in output  # no nested multirun
+        # Rank 0 (the point's process) and rank 1 (Lightning's re-run of that point) each fitted it once.
+        assert (point / "sweep.log").read_text().count("fitting ") == 1
+        assert (point / "train_ddp_process_1.log").read_text().count("fitting ") == 1
+        results = json.loads((point / "results.json").read_text())
+        assert results["config"]["trainer"]["devices"] == 2 and results["label_fraction"] == fraction
+        assert not (point / "job.json").exists()  # the marker goes when the point is done
+        runs = list((point / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        records = wandb_records(runs[0])
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.display_name == f"supervised-test_resnet-frac{fraction:g}-fold1-seed0"
+        assert run.run_group == f"supervised-test_resnet-frac{fraction:g}" and run.job_type == "train"
+        assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
+    status = subprocess.run(
+        [*make, "status", f"OUT={root}"], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    for fraction in FRACTIONS:
+        assert any(
+            line.startswith("done ") and f"supervised/test_resnet/frac{fraction:g}/fold1/seed0" in line
+            for line in lines
+        ), status.stdout
+    assert lines[-1] == "2 done"
