@@ -73,7 +73,7 @@ class Number:
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:
-            return f"must be {kind}, got {value!r}"
+            return f"must be {self._range()}, got {value!r}"
         return None
 
     def _range(self) -> str:

@@ -149,7 +149,7 @@ def test_config_values_are_refused_before_torch_is_imported() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout.strip() == "torch not imported"
-    assert "data.batch_size must be an integer >= 1, got 0" in proc.stderr
+    assert "data.batch_size must be >= 1, got 0" in proc.stderr
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -178,7 +178,7 @@ def test_validation_names_every_bad_key_on_one_line() -> None:
     assert "\n" not in message
     # A boolean is not a count; a list of device indices is a valid devices value.
     assert "data.batch_size must be an integer >= 1, got True" in message
-    assert "data.mu must be an integer >= 0, got -1" in message
+    assert "data.mu must be >= 0, got -1" in message
     assert "trainer.devices" not in message
 
 
