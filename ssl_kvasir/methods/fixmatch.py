@@ -68,6 +68,8 @@ class FixMatch(BaseMethod):
         # Pseudo-label accuracy per class over an epoch, where the true label is known.
         self.register_buffer("_pl_correct", torch.zeros(self.num_classes), persistent=False)
         self.register_buffer("_pl_total", torch.zeros(self.num_classes), persistent=False)
+        # Pseudo-labels per class that passed the mask over an epoch, whether the true label is known or not.
+        self.register_buffer("_pl_count", torch.zeros(self.num_classes), persistent=False)
 
     def training_step(self, batch: dict, batch_idx: int):
         x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
@@ -101,6 +103,7 @@ class FixMatch(BaseMethod):
         # scatter_add_ rather than bincount or boolean indexing: neither makes the host wait for the GPU.
         self._pl_total.scatter_add_(0, pseudo, known.float())
         self._pl_correct.scatter_add_(0, pseudo, correct.float())
+        self._pl_count.scatter_add_(0, pseudo, (mask > 0).float())
         pl_acc = correct.sum() / known.sum()  # NaN (0 / 0) when no known image's pseudo-label passed the mask
         self.log_training_step(
             {
@@ -114,14 +117,31 @@ class FixMatch(BaseMethod):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's pseudo-label precision per predicted class (where the true label is known)."""
+        """Log, per class, the epoch's pseudo-labels: how many passed the mask (``train/pl_count/<class>``), their
+        precision where the true label is known (``train/pl_acc/<class>``), both summed over every process; and
+        the current threshold of a class-adaptive masking (FlexMatch, ``train/threshold/<class>``). Together
+        they show head classes taking over the pseudo-labels."""
         names = self.hparams.class_names
-        per_class = {
-            f"train/pl_acc/{names[c]}": float(self._pl_correct[c] / self._pl_total[c])
-            for c in range(self.num_classes)
-            if self._pl_total[c] > 0
-        }
-        if per_class:
-            self.log_dict(per_class)
+        reduce = self.trainer.strategy.reduce
+        count = reduce(self._pl_count.clone(), reduce_op="sum")  # (C,) all ranks
+        correct = reduce(self._pl_correct.clone(), reduce_op="sum")  # (C,)
+        total = reduce(self._pl_total.clone(), reduce_op="sum")  # (C,)
+        logged = {f"train/pl_count/{names[c]}": float(count[c]) for c in range(self.num_classes)}
+        logged.update(
+            {
+                f"train/pl_acc/{names[c]}": float(correct[c] / total[c])
+                for c in range(self.num_classes)
+                if total[c] > 0
+            }
+        )
+        if hasattr(self.masking, "class_thresholds"):
+            # The masking state is updated from every process's predictions, so it is the same on all ranks.
+            thresholds = self.masking.class_thresholds()  # (C,)
+            logged.update(
+                {f"train/threshold/{names[c]}": float(thresholds[c]) for c in range(self.num_classes)}
+            )
+        # Already summed over ranks: rank_zero_only=True would skip Lightning's own (averaging) sync.
+        self.log_dict(logged, rank_zero_only=True)
         self._pl_correct.zero_()
         self._pl_total.zero_()
+        self._pl_count.zero_()

@@ -1,0 +1,97 @@
+"""W&B conventions (run names, groups, job types of self-training's rounds) and FixMatch's per-class
+pseudo-label logging (counts, precision, FlexMatch thresholds) checked against the steps' own mask rates and the
+checkpointed masking state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ssl_kvasir.config import compose
+from ssl_kvasir.pseudo_labels.masking import ClassAdaptiveThreshold
+from ssl_kvasir.tracking import run_identity, run_name
+
+
+def test_run_names_groups_and_round_job_types() -> None:
+    cfg = compose(
+        "fit",
+        ["data.root=/d", "output_dir=/o", "method=fixmatch", "backbone=resnet50", "data.label_fraction=0.1"],
+    )
+    assert run_name(cfg) == "fixmatch-resnet50-frac0.1-fold0-seed0"
+    assert run_identity(cfg) == {
+        "name": "fixmatch-resnet50-frac0.1-fold0-seed0",
+        "group": "fixmatch-resnet50-frac0.1",
+        "job_type": "train",
+        "config": {},
+    }
+    st = compose(
+        "fit",
+        ["data.root=/d", "output_dir=/o", "method=self_training", "method.rounds=2", "data.fold=1", "seed=3"],
+    )
+    ids = [run_identity(st, {"round": r, "n_pseudo": 0}) for r in range(3)]
+    assert [i["name"] for i in ids] == [
+        f"self_training-resnet18-frac1-fold1-seed3-round{r}" for r in range(3)
+    ]
+    assert [i["job_type"] for i in ids] == ["teacher", "student", "final"]
+    assert [i["config"] for i in ids] == [{"round": 0}, {"round": 1}, {"round": 2}]
+    # Only the final student stands for the point in its group; the other rounds have a group of their own.
+    assert [i["group"] for i in ids] == ["self_training-resnet18-frac1-rounds"] * 2 + [
+        "self_training-resnet18-frac1"
+    ]
+
+
+@pytest.mark.slow
+def test_fixmatch_logs_pseudo_labels_per_class(synth_archive: Path, tmp_path: Path) -> None:
+    from ssl_kvasir.run.train import fit
+
+    steps_per_epoch = 3
+    out = tmp_path / "flexmatch"
+    cfg = compose(
+        "fit",
+        [
+            f"data.root={synth_archive}",
+            f"data.split_file={synth_archive / '2_fold_split.csv'}",
+            f"output_dir={out}",
+            "method=fixmatch",
+            "method.masking=flexmatch",
+            "backbone.name=test_resnet",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.mu=2",
+            "data.num_workers=0",
+            f"data.steps_per_epoch={steps_per_epoch}",
+            "trainer.max_steps=6",
+            "trainer.accelerator=cpu",
+            "trainer.progress_bar=false",
+            "trainer.log_every_n_steps=1",
+            "logger=csv",
+        ],
+    )
+    results = fit(cfg)
+    names = results["classes"]
+    log = pd.read_csv(out / "logs" / "metrics.csv")
+    n_ulb = 4 * 2
+    steps = log[log["train/mask_rate"].notna()]
+    epochs = log[log[f"train/pl_count/{names[0]}"].notna()].sort_values("epoch")
+    assert list(epochs.epoch) == [0, 1] and len(steps) == 6
+    for epoch, row in epochs.set_index("epoch").iterrows():
+        # Every pseudo-label that passed the mask is counted once, in its class: the sum over classes is the
+        # sum over the epoch's steps of mask rate x unlabeled batch size.
+        passed = (steps[steps.epoch == epoch]["train/mask_rate"] * n_ulb).sum()
+        assert sum(row[f"train/pl_count/{c}"] for c in names) == pytest.approx(passed)
+        for c in names:
+            acc = row.get(f"train/pl_acc/{c}")
+            assert pd.isna(acc) or 0.0 <= acc <= 1.0
+    # The last epoch's thresholds are FlexMatch's, computed from the masking state the checkpoint holds.
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+    masking = ClassAdaptiveThreshold(len(state["masking.selected"]), len(names), threshold=0.95)
+    masking.selected.copy_(state["masking.selected"])
+    expected = masking.class_thresholds()
+    last = epochs.iloc[-1]
+    for c, name in enumerate(names):
+        assert last[f"train/threshold/{name}"] == pytest.approx(float(expected[c]), abs=1e-6)
