@@ -82,3 +82,94 @@ def run_identity(cfg: DictConfig, stage: Mapping[str, Any] | None = None) -> dic
         "job_type": job_type,
         "config": {"round": r},
     }
+
+
+def checkpoint_results(checkpoint: str | Path) -> dict | None:
+    """The ``results.json`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/<name>.ckpt``), or
+    ``None`` when there is none (yet) or it cannot be read."""
+    import json
+
+    path = Path(checkpoint).resolve().parent.parent / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def pseudo_label_summary(table) -> Any:
+    """Per predicted class of a pseudo-label table (``pseudo_labels.csv``): how many images, their mean
+    confidence, and the share the kNN vote agrees with (where the table has a kNN vote)."""
+    import pandas as pd
+
+    grouped = table.groupby("predicted_class", sort=True)
+    summary = pd.DataFrame({"images": grouped.size(), "mean_confidence": grouped["confidence"].mean()})
+    if "knn_agrees" in table and table["knn_agrees"].notna().any():
+        summary["knn_agreement"] = grouped["knn_agrees"].apply(lambda s: s.dropna().astype(float).mean())
+    return summary.reset_index().sort_values("images", ascending=False, ignore_index=True)
+
+
+def log_analysis(
+    checkpoint: str | Path, out: Path, outputs: Mapping[str, Path], metrics: Mapping
+) -> str | None:
+    """Log an analysis to W&B: its plots (every PNG of ``outputs``), its composition tables (the CSVs of the
+    ``composition`` outputs), the pseudo-label summary (:func:`pseudo_label_summary` of the ``pseudo-labels``
+    output) and ``metrics`` (the kNN check) in the run's summary.
+
+    The run is the process's active W&B run if there is one; otherwise, when the checkpoint's own run logged
+    to W&B, a run of its own in that project and group, named ``<checkpoint's run>-analysis`` with job type
+    ``analysis`` (offline unless W&B is configured, :func:`wandb_mode`), finished here.
+
+    Returns:
+        the name of the W&B run logged to, or ``None`` when W&B was not used.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return None
+    import pandas as pd
+    import wandb
+
+    run, opened = wandb.run, False
+    if run is None:
+        results = checkpoint_results(checkpoint)
+        logger = ((results or {}).get("config") or {}).get("logger") or {}
+        if logger.get("kind") != "wandb":
+            return None
+        run = wandb.init(
+            project=logger.get("project"),
+            entity=logger.get("entity"),
+            group=results.get("group"),
+            job_type="analysis",
+            name=f"{run_name_from_results(results)}-analysis",
+            dir=str(out),
+            mode=logger.get("mode") or wandb_mode(),
+            config={"checkpoint": str(checkpoint), "analysis_dir": str(out)},
+        )
+        opened = True
+    try:
+        logged: dict[str, Any] = {}
+        for key, path in outputs.items():
+            path = Path(path)
+            slug = "analysis/" + key.replace(" ", "_").replace("(", "").replace(")", "")
+            if path.suffix == ".png":
+                logged[slug] = wandb.Image(str(path))
+            elif key.startswith("composition") and path.suffix == ".csv":
+                logged[slug] = wandb.Table(dataframe=pd.read_csv(path))
+        if "pseudo-labels" in outputs and Path(outputs["pseudo-labels"]).suffix == ".csv":
+            summary = pseudo_label_summary(pd.read_csv(outputs["pseudo-labels"]))
+            logged["analysis/pseudo_label_summary"] = wandb.Table(dataframe=summary)
+        run.log(logged)
+        for key, value in metrics.items():
+            run.summary[f"analysis/{key}"] = value
+        name = run.name
+    finally:
+        if opened:
+            run.finish()
+    return name
+
+
+def run_name_from_results(results: Mapping[str, Any]) -> str:
+    """:func:`run_name` of the run a ``results.json`` describes."""
+    r = results
+    return f"{r.get('method')}-{r.get('backbone')}-{r.get('budget')}-fold{r.get('fold')}-seed{r.get('seed')}"

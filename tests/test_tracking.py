@@ -95,3 +95,42 @@ def test_fixmatch_logs_pseudo_labels_per_class(synth_archive: Path, tmp_path: Pa
     last = epochs.iloc[-1]
     for c, name in enumerate(names):
         assert last[f"train/threshold/{name}"] == pytest.approx(float(expected[c]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_analyze_logs_to_a_wandb_run_of_its_own(
+    synth_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose run logged to W&B: ``analyze`` logs its plots, composition tables and pseudo-label
+    summary to an offline run named after that run, with job type ``analysis``, in the run's group."""
+    import json
+
+    from test_sweep import wandb_records
+
+    from ssl_kvasir.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
+    tiny = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
+    run = tmp_path / "fit"
+    fit_args = ["backbone.name=test_resnet", "trainer.max_steps=2", "data.steps_per_epoch=2"]
+    fit_args += ["trainer.progress_bar=false", "logger=wandb", "data.label_fraction=0.5"]
+    assert main(["fit", f"output_dir={run}", *fit_args, *data, *tiny]) == 0
+    results = json.loads((run / "results.json").read_text())
+    out = tmp_path / "analysis"
+    args = [f"checkpoint={results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0"]
+    args += ["umap.n_neighbors=5", "cluster.enabled=false"]
+    assert main(["analyze", *args]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(r.run for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run")
+    assert record.display_name == "supervised-test_resnet-frac0.5-fold0-seed0-analysis"
+    assert record.job_type == "analysis" and record.run_group == results["group"]
+    media = {p.name.rsplit("_", 2)[0] for p in runs[0].rglob("files/media/*/analysis/*")}
+    assert {"umap_plot", "knn_confusion", "composition_composition.csv", "pseudo_label_summary"} <= media
+    table = json.loads(next(runs[0].rglob("analysis/pseudo_label_summary_*.table.json")).read_text())
+    pseudo = pd.read_csv(out / "pseudo_labels.csv")
+    assert table["columns"][:3] == ["predicted_class", "images", "mean_confidence"]
+    counts = {row[0]: row[1] for row in table["data"]}
+    assert counts == pseudo.predicted_class.value_counts().to_dict()

@@ -284,7 +284,8 @@ def composition(cfg: DictConfig, analysis: Analysis, classes, out: Path) -> dict
 def analyze(cfg: DictConfig) -> Analysis:
     """Embeddings, kNN, UMAP + clusters, composition, plots and the pseudo-label export, in one go."""
     from ssl_kvasir.analysis.cluster import cluster_purity
-    from ssl_kvasir.analysis.plots import log_images_to_wandb, plot_knn_confusion, plot_umap
+    from ssl_kvasir.analysis.plots import plot_knn_confusion, plot_umap
+    from ssl_kvasir.tracking import log_analysis
 
     module, exp = load_checkpoint_and_data(cfg)
     classes = exp.catalog.classes
@@ -351,7 +352,9 @@ def analyze(cfg: DictConfig) -> Analysis:
         },
     )
     analysis.outputs["summary"] = summary
-    log_images_to_wandb({k: v for k, v in analysis.outputs.items() if str(v).endswith(".png")})
+    # Plots, composition tables and the pseudo-label summary: into the active W&B run, or into a run of the
+    # analysis's own when the checkpoint's run logged to W&B.
+    log_analysis(cfg.checkpoint, out, analysis.outputs, analysis.knn_metrics)
     return analysis
 
 
