@@ -142,7 +142,7 @@ def fit_once(
     dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
-    logger = build_logger(cfg, out)
+    logger = build_logger(cfg, out, stage=extra)
     trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
@@ -163,7 +163,9 @@ def fit_once(
     return results
 
 
-def build_logger(cfg: DictConfig, out: Path):
+def build_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = None):
+    """The fit's logger; a W&B run is named, grouped and typed by :func:`ssl_kvasir.tracking.run_identity`
+    (``stage``: a method stage's record, e.g. self-training's ``{"round": r}``)."""
     from lightning.pytorch.loggers import CSVLogger
 
     if cfg.logger.kind == "csv":
@@ -172,17 +174,19 @@ def build_logger(cfg: DictConfig, out: Path):
         raise ConfigError(f"unknown logger {cfg.logger.kind!r}; valid: wandb, csv")
     from lightning.pytorch.loggers import WandbLogger
 
-    from ssl_kvasir.tracking import run_tags, wandb_mode
+    from ssl_kvasir.tracking import run_identity, run_tags, wandb_mode
 
+    identity = run_identity(cfg, stage)
     return WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.logger.group or run_group(cfg),
+        group=identity["group"],
+        job_type=identity["job_type"],
         tags=run_tags(cfg),
-        name=out.name,
+        name=identity["name"],
         save_dir=str(out),
         mode=cfg.logger.mode or wandb_mode(),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True), **identity["config"]},
         id=_stable_run_id(out),
         resume="allow",
     )
@@ -199,21 +203,29 @@ def _stable_run_id(out: Path) -> str:
 def one_tracking_run(logger):
     """One W&B run per Lightning fit, closed when the fit ends (a failed one marked so): the next fit in the
     same process (a local sweep's next point, self-training's next round) must not log into this run."""
+    from ssl_kvasir.run.preempt import Requeued
+
     try:
         yield
+    except Requeued:
+        # Checkpointed and requeued: the requeued job continues this run (same id), so it is not a failure.
+        _finish_wandb(logger, exit_code=0, preempting=True)
+        raise
     except BaseException:
         _finish_wandb(logger, exit_code=1)
         raise
     _finish_wandb(logger, exit_code=0)
 
 
-def _finish_wandb(logger, exit_code: int) -> None:
+def _finish_wandb(logger, exit_code: int, preempting: bool = False) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     if isinstance(logger, WandbLogger):
         import wandb
 
         if wandb.run is not None:
+            if preempting:
+                wandb.run.mark_preempting()
             wandb.finish(exit_code=exit_code)
 
 
@@ -236,11 +248,17 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
     plugins = [AtomicCheckpointIO()]
+    from ssl_kvasir.run.preempt import PreemptionCheckpoint, ProgressFile
+
+    cluster = [ProgressFile(out, every_n_steps=t.log_every_n_steps)]
     if "SLURM_JOB_ID" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-        # A pre-empted or timed-out job is requeued and resumes from checkpoints/last.ckpt.
-        plugins.append(SLURMEnvironment(auto_requeue=True))
+        # A pre-empted or timed-out job checkpoints at its step, is requeued and resumes from
+        # checkpoints/last.ckpt: run.preempt owns the signals, not Lightning's auto-requeue (which waits for
+        # USR1, while submitit asks SLURM for USR2).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        cluster.append(PreemptionCheckpoint(out / "checkpoints" / "last.ckpt"))
     return L.Trainer(
         # Whole epochs, not max_steps: Lightning resumes a step-based run from an epoch-end checkpoint as if
         # mid-epoch and trains an extra batch, so a requeued run would not repeat an uninterrupted one.
@@ -252,7 +270,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         precision=t.precision,
         logger=logger,
         # trainer.checkpoint_callback is the first: the model selection
-        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg))],
+        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg)), *cluster],
         plugins=plugins,
         # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
         use_distributed_sampler=False,
