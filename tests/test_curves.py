@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -254,3 +258,24 @@ def test_reference_only_for_hyperkvasir_runs(sweep: Path, tmp_path: Path) -> Non
     a = plot_curves(report.summary, ["mcc"], tmp_path / "a.png", reference=False).read_bytes()
     b = plot_curves(report.summary, ["mcc"], tmp_path / "b.png", reference=True).read_bytes()
     assert a != b
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_curves_logs_line_charts_to_an_offline_wandb_run(sweep: Path, tmp_path: Path) -> None:
+    """`make curves` with W&B offline (nothing configured) leaves a W&B run with a line chart of each metric."""
+    repo = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    cmd = ["make", "-s", f"BIN={bin_dir}", "-o", f"{bin_dir}/ssl-kvasir", "curves", f"OUT={sweep}"]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((sweep / "curves" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert record.count(b"wandb/lineseries/v0") == 6
+    for metric in ("mcc", "macro_f1", "micro_f1"):
+        assert list(runs[0].rglob(f"label_efficiency/{metric}_table_*.table.json")), metric
+    cmd[-1:] = [f"OUT={sweep}", "WANDB=0"]
+    (sweep / "curves").rename(tmp_path / "first")
+    assert subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=300).returncode == 0
+    assert not (sweep / "curves" / "wandb").exists()  # WANDB=0: no W&B run
