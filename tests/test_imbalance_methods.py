@@ -185,8 +185,8 @@ TINY = [
     "logger=csv",
     "trainer.progress_bar=false",
 ]
-# Every pseudo-label counts from the first epoch on, so that the priors move within a few steps.
-EAGER = {"acr": ["method.threshold=0.0", "method.est_epoch=-1"], "simpro": ["method.threshold=0.0"]}
+# Every pseudo-label counts (ACR: from the second epoch on), so that the priors move within a few steps.
+EAGER = {"acr": ["method.threshold=0.0", "method.est_epoch=0"], "simpro": ["method.threshold=0.0"]}
 
 
 def _data(archive) -> list[str]:
@@ -243,11 +243,12 @@ def test_killed_fit_resumes_to_the_same_priors_and_results(synth_archive, tmp_pa
     b = json.loads((killed / "results.json").read_text())
     assert b["metrics"] == a["metrics"] and b["confusion_matrix"] == a["confusion_matrix"]
     assert b["unlabeled_prior"] == a["unlabeled_prior"]
-    assert a["unlabeled_prior"] != pytest.approx(dict.fromkeys(a["classes"], 1 / 23), abs=1e-4)
     sa, sb = resume.final_state(straight), resume.final_state(killed)
     assert sa.keys() == sb.keys()
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
-    assert any("unlabeled_prior" in k for k in sa)
+    # The priors moved during training (results.json holds those of the selected checkpoint, maybe an early one).
+    (key,) = [k for k in sa if k.endswith(".unlabeled_prior")]
+    assert not torch.allclose(sa[key], torch.full((23,), 1 / 23), atol=1e-4)
 
 
 @pytest.mark.slow
