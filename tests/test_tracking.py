@@ -134,3 +134,33 @@ def test_analyze_logs_to_a_wandb_run_of_its_own(
     assert table["columns"][:3] == ["predicted_class", "images", "mean_confidence"]
     counts = {row[0]: row[1] for row in table["data"]}
     assert counts == pseudo.predicted_class.value_counts().to_dict()
+
+
+@pytest.mark.slow
+def test_self_training_rounds_are_wandb_runs_with_round_and_job_type(
+    synth_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_sweep import wandb_records
+
+    from ssl_kvasir.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "st"
+    args = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
+    args += [f"output_dir={out}", "method=self_training", "method.rounds=1", "backbone.name=test_resnet"]
+    args += ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.steps_per_epoch=2"]
+    args += ["trainer.max_steps=2", "trainer.progress_bar=false", "logger=wandb"]
+    assert main(["fit", *args]) == 0
+    seen = []
+    for r in range(2):
+        (run_dir,) = (out / f"round_{r}" / "wandb").glob("offline-run-*")
+        records = wandb_records(run_dir)
+        run = next(x.run for x in records if x.WhichOneof("record_type") == "run")
+        rounds = [i.value_json for i in run.config.update if i.key == "round"]
+        seen.append((run.display_name, run.run_group, run.job_type, rounds))
+    point = "self_training-test_resnet-frac1"
+    assert seen == [
+        (f"{point}-fold0-seed0-round0", f"{point}-rounds", "teacher", ["0"]),
+        (f"{point}-fold0-seed0-round1", point, "final", ["1"]),
+    ]
