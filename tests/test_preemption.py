@@ -152,3 +152,19 @@ def test_sampler_skip_serves_the_rest_of_the_epoch() -> None:
         whole = list(make(None))
         for skip in (0, 1, 8, 23, 24):
             assert list(make(lambda skip=skip: skip)) == whole[skip:]
+
+
+def test_a_requeued_point_exits_as_submitit_expects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a sweep job, a requeued fit ends the process with SystemExit(-1), as submitit's own handler does: not
+    an Exception, so submitit writes no (failed) result for a job that is not over."""
+    import ssl_kvasir.run.train as train
+    from ssl_kvasir.sweeps import run_point
+
+    def preempted(cfg):
+        raise Requeued("SIGUSR2", 6, "4242")
+
+    monkeypatch.setattr(train, "fit", preempted)
+    cfg = compose("fit", [f"data.root={tmp_path}", f"output_dir={tmp_path / 'point'}"])
+    with pytest.raises(SystemExit) as stopped:
+        run_point(cfg)
+    assert stopped.value.code == -1 and not isinstance(stopped.value, Exception)
