@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -327,15 +328,36 @@ def interruptions(trainer, last: Path) -> Iterator[None]:
 
     Lightning catches both signals itself: on SIGTERM its signal connector raises ``SIGTERMException`` (a
     ``SystemExit`` whose status is 0) at the next batch; on Ctrl-C it shuts down and calls ``sys.exit(1)``.
-    Neither tells the user that the run can be resumed, and the first reports success.
+    Neither tells the user that the run can be resumed, and the first reports success. A SIGTERM sent to the
+    whole process group (``kill -TERM -PGID``, a container or job step being stopped) also ends the DataLoader
+    workers, and the fit fails with "DataLoader worker exited unexpectedly" before Lightning's check: an error
+    after Lightning has recorded a SIGTERM is that signal too.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(signal_name: str) -> FitInterrupted:
+        _expect_worker_exits()
+        return FitInterrupted(signal_name, last if last.exists() else None)
 
     try:
         yield
     except SIGTERMException:
-        raise FitInterrupted("SIGTERM", last if last.exists() else None) from None
+        raise stopped("SIGTERM") from None
     except SystemExit:
         if trainer.interrupted:
-            raise FitInterrupted("SIGINT", last if last.exists() else None) from None
+            raise stopped("SIGINT") from None
         raise
+    except Exception:
+        if getattr(trainer, "received_sigterm", False):
+            raise stopped("SIGTERM") from None
+        raise
+
+
+def _expect_worker_exits() -> None:
+    """The fit is over, and the signal that ended it may have ended its DataLoader workers too: their exits
+    are expected. torch's SIGCHLD handler would otherwise raise "DataLoader worker is killed by signal" from
+    the loader's ``__del__`` when the loader is collected, which Python prints as an ignored exception with a
+    traceback. The default action (ignore) is restored; a later loader in this process still notices a dead
+    worker, by polling."""
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
