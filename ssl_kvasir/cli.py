@@ -567,7 +567,12 @@ RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM}
 
 def _error_line(command: str, error: object, label: str = "error: ") -> None:
     """One line on stderr, whatever the message holds (Hydra's and the OS's messages may span lines)."""
-    text = " ".join(str(error).split())
+    lines = str(error).strip().splitlines()
+    if len(lines) > 2 and lines[1].startswith("Original Traceback"):
+        # Raised in a DataLoader worker: torch re-raises it with the worker's traceback in the message, whose
+        # last line is "module.ErrorType: the original message".
+        lines = [lines[-1].split(": ", 1)[-1]]
+    text = " ".join(" ".join(lines).split())
     print(f"ssl-kvasir {command}: {label}{text}", file=sys.stderr)
 
 

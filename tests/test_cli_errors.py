@@ -202,3 +202,21 @@ def test_os_errors_map_to_failed_or_bad_input(monkeypatch, capsys) -> None:
         "ssl-kvasir full: error: [Errno 28] cannot write checkpoint /r/checkpoints/last.ckpt: No space left on device",
         "ssl-kvasir denied: error: [Errno 13] cannot write /r/results.json: Permission denied",
     ]
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_its_own_line(monkeypatch, capsys) -> None:
+    """torch re-raises a worker's exception with the worker's traceback in its message; the line is the cause."""
+    from ssl_kvasir.errors import DataError
+
+    def worker_failed(argv):
+        raise DataError(
+            "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "ssl_kvasir/data/decode.py", line 80, in decode_image\n'
+            "ssl_kvasir.errors.DataError: labeled-images/x.jpg: cannot decode image: broken data stream"
+        )
+
+    monkeypatch.setitem(cli.COMMANDS, "worker", (worker_failed, ""))
+    assert cli.main(["worker"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ssl-kvasir worker: error: labeled-images/x.jpg: cannot decode image: broken data stream"
+    ]
