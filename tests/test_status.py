@@ -160,3 +160,32 @@ def test_local_markers_follow_their_process(tmp_path: Path) -> None:
     states = {s.path.name: s.state for s in sweep_status(tmp_path)}
     assert states == {"live": "running", "dead": "failed", "reused": "failed", "fresh": "missing"}
     assert format_status(sweep_status(tmp_path), tmp_path)[-1] == "1 running, 2 failed, 1 missing"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_local_sweep_with_wait_0_runs_in_the_background(synth_archive: Path, tmp_path: Path) -> None:
+    """`make pretrain WAIT=0` (local) returns while its point trains; a second launch meanwhile starts nothing;
+    `make status` says done once the background sweep has finished."""
+    root = tmp_path / "runs"
+    args = "method=supervised backbone=test_resnet data.label_fraction=1.0 data.fold=1 data.image_size=32 "
+    args += "data.batch_size=4 data.num_workers=0 data.steps_per_epoch=2 trainer.max_steps=4 "
+    args += "trainer.accelerator=cpu trainer.progress_bar=false logger=csv"
+    pretrain = [f"DATA={synth_archive}", f"OUT={root}", "WAIT=0", f"ARGS={args}"]
+    done = make("pretrain", ENV, *pretrain)
+    assert done.returncode == 0 and "sweep started in the background" in done.stdout, done.stderr
+    point = point_dir(root, "frac1")
+    deadline = time.monotonic() + 300
+    while not (point / MARKER).exists() and not (point / "results.json").exists():
+        assert time.monotonic() < deadline, (root / "pretrain.log").read_text()
+        time.sleep(0.2)
+    if not (point / "results.json").exists():  # still queued or running: not launched twice
+        again = make("pretrain", {**ENV}, *[a for a in pretrain if a != "WAIT=0"])
+        assert again.returncode == 0
+        assert "Launching 0 of 1 points locally" in again.stdout + again.stderr
+    while not (point / "results.json").exists() or (point / MARKER).exists():
+        assert time.monotonic() < deadline, (root / "pretrain.log").read_text()
+        time.sleep(0.2)
+    status = make("status", ENV, f"OUT={root}")
+    assert status.stdout.splitlines()[-1] == "1 done", status.stdout
+    assert (root / "pretrain.log").read_text().count("Launching 1 of 1 points locally") == 1
