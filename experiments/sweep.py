@@ -1,11 +1,14 @@
 """The label-efficiency sweep: every point of ``configs/sweep.yaml``'s grid (method x label fraction x fold x
-seed) as one ``ssl_kvasir.runner.fit``, one after another here or as SLURM array tasks.
+seed) as one ``ssl_kvasir.run.train.fit``, each in its own process here or as SLURM array tasks.
 
     python experiments/sweep.py data.root=DIR data.split_file=FILE [hydra/launcher=slurm] [KEY=VALUE ...]
 
 ``make pretrain DATA=DIR ...`` runs this with the make variables turned into overrides (see the README,
 "Label-efficiency study"). Runs land in ``<sweep_root>/<method>/<backbone>/<budget>/fold<k>/seed<s>/``; a run
-whose ``results.json`` exists is skipped, and an interrupted one resumes from its ``checkpoints/last.ckpt``.
+whose ``results.json`` exists, or that a live job holds (``job.json``), is not launched again, and an
+interrupted one resumes from its ``checkpoints/last.ckpt``. The launchers are in ``hydra_plugins/`` beside this
+script (``ssl_kvasir_launchers.py``); with ``hydra.mode=RUN`` this script runs one point alone, which is how the
+local launcher starts each point.
 """
 
 from __future__ import annotations
