@@ -40,6 +40,7 @@ def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive,
         "method.alignment=labeled",
         "data.fold=1",
         "data.label_fraction=0.5",
+        "data.val_policy=fold",  # 2 labels a class leave no validation image inside the budget
         "seed=3",
         f"output_dir={out}",
         *_data(synth_archive),
