@@ -93,7 +93,7 @@ class StageRunner:
         module = load_method(Path(checkpoint))
         dm = build_datamodule(self.cfg, self.exp, type(module), module.model, steps_per_epoch=1)
         predictor = Predictor.from_config(module, self.cfg.trainer)
-        return predictor.probs(dm.loader(rows), what=f"predicting {len(rows)} images")
+        return predictor.probs(dm, rows, what=f"predicting {len(rows)} images")
 
     def write_results(self, results: dict) -> None:
         # The run's fingerprint, not a stage's (a stage may override settings, e.g. self-training's noise).
@@ -229,7 +229,41 @@ def _finish_wandb(logger, exit_code: int, preempting: bool = False) -> None:
             wandb.finish(exit_code=exit_code)
 
 
+def console_lines():
+    """A Lightning callback: one log line per epoch (at its validation, if any), for logs and pipes where a
+    progress bar would be noise."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    class ConsoleLines(Callback):
+        def on_train_start(self, trainer, module) -> None:
+            # A run resumed mid-epoch (run.preempt) starts without on_train_epoch_start.
+            self.start = time.perf_counter()
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if not trainer.is_global_zero:
+                return
+            m = trainer.callback_metrics
+            shown = [f"{k} {float(m[k]):.4f}" for k in ("train/loss", "val/mcc", "val/macro_f1") if k in m]
+            log.info(
+                "epoch %d/%d, step %d: %s (%.1f s)",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                trainer.global_step,
+                ", ".join(shown),
+                time.perf_counter() - self.start,
+            )
+
+    return ConsoleLines()
+
+
 def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
+    import sys
+
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -247,6 +281,8 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
     last = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
+    # A progress bar on a terminal; one line per epoch in logs and pipes.
+    interactive = bool(t.progress_bar) and sys.stderr.isatty()
     plugins = [AtomicCheckpointIO()]
     from ssl_kvasir.run.preempt import PreemptionCheckpoint, ProgressFile
 
@@ -269,15 +305,17 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         strategy=t.strategy,
         precision=t.precision,
         logger=logger,
-        # trainer.checkpoint_callback is the first: the model selection
-        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg)), *cluster],
+        # trainer.checkpoint_callback is the first: the model selection. One log line per epoch unless a bar shows.
+        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg))]
+        + ([] if interactive else [console_lines()])
+        + cluster,
         plugins=plugins,
         # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=min(t.log_every_n_steps, steps_per_epoch),
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=interactive,
         enable_model_summary=False,
         default_root_dir=str(out),
     )
@@ -377,7 +415,7 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.backbone.name, cfg.backbone.head = spec["name"], spec["head"]
     dm = build_datamodule(cfg, exp, type(module), module.model, steps_per_epoch=1)
     rows = exp.split.test
-    probs = Predictor.from_config(module, cfg.trainer).probs(dm.loader(rows), what="evaluating")
+    probs = Predictor.from_config(module, cfg.trainer).probs(dm, rows, what="evaluating")
     cm = confusion_matrix(exp.catalog.images.label.to_numpy()[rows], probs.argmax(1), n_classes)
     test = {"metrics": metrics_from_confusion(cm), "confusion_matrix": cm}
     results = make_results(cfg, exp, module, test, None, str(cfg.checkpoint), steps=0)
