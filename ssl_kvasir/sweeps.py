@@ -30,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_kvasir.config import validate
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.results import RESULTS_NAME
@@ -114,6 +115,7 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
         return {"output_dir": str(out), "skipped": True, "metrics": None}
     if launcher is not None:
         match_launcher(cfg, launcher)
+    validate(cfg)  # a bad value fails this point in a second, as `ssl-kvasir fit` does
     # Imported only for a run to fit: a skipped point costs no torch import.
     from ssl_kvasir.run.preempt import Requeued
     from ssl_kvasir.run.train import fit
