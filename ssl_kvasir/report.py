@@ -1,8 +1,8 @@
 """Our runs beside the paper's Table 3: reads ``results.json`` files, averages each system over its folds.
 
 A *system* is what the paper calls a row: one method on one backbone, trained once per fold. Its name is
-``results["system"]``, else ``results["config"]["system"]``, else ``<method>-<backbone>`` (with ``@10%`` or
-``@25/class`` appended when it did not use every label, so that a label-fraction sweep does not collapse into
+``results["system"]``, else ``results["config"]["system"]``, else ``<method>-<backbone>`` (with the budget,
+``-frac0.1`` or ``-lpc25``, appended when it did not use every label, so that a label-fraction sweep does not collapse into
 one row). A system's metrics are the mean over its folds of the mean over its runs in that fold (several seeds
 of one fold count once), as the paper reports "the average of the two folds".
 
@@ -24,6 +24,7 @@ import numpy as np
 from ssl_kvasir.baselines import PAPER_TABLE3, BaselineResult
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassInfo
 from ssl_kvasir.errors import DataError
+from ssl_kvasir.names import METRIC_LABELS, budget_id
 from ssl_kvasir.results import find_results_files, is_number, read_results, results_error
 
 TABLE_METRICS = (
@@ -40,11 +41,11 @@ TABLE_METRICS = (
 METRIC_HEADERS = {
     "macro_precision": "macro P",
     "macro_recall": "macro R",
-    "macro_f1": "macro F1",
+    "macro_f1": METRIC_LABELS["macro_f1"],
     "micro_precision": "micro P",
     "micro_recall": "micro R",
-    "micro_f1": "micro F1",
-    "mcc": "MCC",
+    "micro_f1": METRIC_LABELS["micro_f1"],
+    "mcc": METRIC_LABELS["mcc"],
 }
 
 PAPER_ROW_BY_BACKBONE = {
@@ -106,9 +107,9 @@ def _default_system_name(method: str, backbone: str, results: dict) -> str:
     name = f"{method}-{backbone}"
     per_class, fraction = results.get("labels_per_class"), results.get("label_fraction")
     if is_number(per_class):
-        name += f"@{per_class:g}/class"
+        name += f"-{budget_id(None, int(per_class))}"
     elif is_number(fraction) and fraction != 1:
-        name += f"@{100 * fraction:g}%"
+        name += f"-{budget_id(fraction, None)}"
     return name
 
 
@@ -530,7 +531,7 @@ def render_markdown(rows: Iterable[TableRow], title: str = "Table 3: ours beside
 
 
 def _slug(name: str) -> str:
-    """A file-name-safe form of a system's name (``@10%`` -> ``@10pct``)."""
+    """A file-name-safe form of a system's name."""
     return re.sub(r"[^A-Za-z0-9._+@-]+", "_", name.replace("%", "pct")).strip("._") or "system"
 
 

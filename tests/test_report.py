@@ -139,7 +139,7 @@ def test_missing_fold_and_repeated_seeds_are_noted(runs: Path, tmp_path: Path) -
     out = tmp_path / "report"
     assert main(["report", str(runs), "--out", str(out)]) == 0
     table = _read_csv(out / "table3.csv")
-    fix = table["fixmatch-resnet50@10%"]
+    fix = table["fixmatch-resnet50-frac0.1"]
     assert "WARNING: no run for fold 1" in fix["note"]
     assert float(fix["macro_precision"]) == pytest.approx(0.40)
     r50 = table["supervised-resnet50"]
