@@ -214,6 +214,28 @@ def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
     assert shares[-1] != pytest.approx([1 / 23] * 23, abs=1e-4)
     assert sum(shares[-1]) == pytest.approx(1.0, abs=1e-5)
 
+    # analyze sets the checkpoint's estimate beside the composition its classifier predicts for the unlabeled images.
+    analysis = tmp_path / "analysis"
+    args = [
+        f"checkpoint={r['checkpoint']}",
+        f"output_dir={analysis}",
+        *_data(synth_archive),
+        "data.num_workers=0",
+    ]
+    assert main(["analyze", *args, "umap.n_neighbors=5", "cluster.enabled=false"]) == 0
+    compared = json.loads((analysis / "analysis.json").read_text())["unlabeled_prior"]
+    from ssl_kvasir.analysis.embeddings import load_embeddings
+    from ssl_kvasir.run.checkpoint import load_method
+
+    assert compared["estimated"] == pytest.approx(load_method(r["checkpoint"]).unlabeled_prior)
+    store = load_embeddings(analysis / "embeddings")
+    predicted = np.bincount(np.asarray(store.probs)[store.labels < 0].argmax(1), minlength=23) / 60
+    assert list(compared["predicted"].values()) == pytest.approx(predicted.tolist())
+    tv = 0.5 * sum(abs(compared["estimated"][c] - compared["predicted"][c]) for c in r["classes"])
+    assert (
+        compared["total_variation"] == pytest.approx(tv) and (analysis / "unlabeled_prior.png").stat().st_size
+    )
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["acr", "simpro"])

@@ -132,7 +132,11 @@ def plot_umap(
 
 
 def plot_composition(
-    table: pd.DataFrame, path: str | os.PathLike, log_scale: bool = False, title: str = ""
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    log_scale: bool = False,
+    title: str = "",
+    ylabel: str = "images (predicted class)",
 ) -> Path:
     """Grouped bar chart of a composition table: per class, one bar per source.
 
@@ -142,6 +146,7 @@ def plot_composition(
         path: the PNG to write.
         log_scale: a logarithmic count axis (class sizes span three orders of magnitude).
         title: the figure title.
+        ylabel: what the bars count.
 
     Returns:
         ``path``.
@@ -166,7 +171,7 @@ def plot_composition(
         labels=[f"{letter} {name}" for letter, name in zip(table.letter, table["class"], strict=True)],
         rotation=90,
     )
-    ax.set_ylabel("images (predicted class)")
+    ax.set_ylabel(ylabel)
     if log_scale:
         ax.set_yscale("log")
     ax.legend(fontsize=8)

@@ -281,6 +281,47 @@ def composition(cfg: DictConfig, analysis: Analysis, classes, out: Path) -> dict
     return {f"composition {k}": Path(v) for k, v in report.files.items()}
 
 
+def prior_comparison(module, analysis: Analysis, classes, path: Path) -> dict | None:
+    """The unlabeled class prior a method estimated while training (ACR, SimPro) beside the composition of
+    the unlabeled images as its classifier predicts them, as shares, their total-variation distance and a
+    bar chart at ``path``. None for a method that estimates no prior."""
+    import pandas as pd
+
+    from ssl_kvasir.analysis.plots import plot_composition
+
+    estimated = getattr(module, "unlabeled_prior", None)
+    if not estimated:
+        return None
+    s = analysis.store
+    unl = np.flatnonzero(s.labels < 0)
+    if not len(unl):
+        return None
+    names = classes.names
+    counts = np.bincount(np.asarray(s.probs[unl]).argmax(1), minlength=len(names))  # (C,)
+    predicted = counts / counts.sum()  # (C,)
+    prior = np.array([estimated[n] for n in names], dtype=np.float64)  # (C,)
+    table = pd.DataFrame(
+        {
+            "class": names,
+            "letter": classes.letters,
+            "estimated prior": prior,
+            "predicted composition": predicted,
+        }
+    )
+    plot_composition(
+        table,
+        path,
+        ylabel="share of the unlabeled images",
+        title="Unlabeled class prior estimated in training vs the classifier's predicted composition",
+    )
+    return {
+        "estimated": {n: float(p) for n, p in zip(names, prior, strict=True)},
+        "predicted": {n: float(p) for n, p in zip(names, predicted, strict=True)},
+        "total_variation": float(0.5 * np.abs(prior - predicted).sum()),
+        "n_unlabeled": int(len(unl)),
+    }
+
+
 def analyze(cfg: DictConfig) -> Analysis:
     """Embeddings, kNN, UMAP + clusters, composition, plots and the pseudo-label export, in one go."""
     from ssl_kvasir.analysis.cluster import cluster_purity
@@ -335,6 +376,9 @@ def analyze(cfg: DictConfig) -> Analysis:
             atomic_write_text(path, table.to_csv(index=False))
             analysis.outputs[f"cluster purity ({name})"] = path
     analysis.outputs.update(composition(cfg, analysis, classes, out))
+    prior = prior_comparison(module, analysis, classes, out / "unlabeled_prior.png")
+    if prior is not None:
+        analysis.outputs["unlabeled prior plot"] = out / "unlabeled_prior.png"
     analysis.outputs["pseudo-labels"] = export(cfg, analysis, classes)
     summary = out / "analysis.json"
     atomic_write_json(
@@ -348,6 +392,7 @@ def analyze(cfg: DictConfig) -> Analysis:
             "knn_database": cfg.knn.database,
             "knn_database_images": int(len(analysis.train_rows)),
             "n_clusters": int(analysis.clusters.max() + 1) if analysis.clusters is not None else None,
+            "unlabeled_prior": prior,
             "outputs": {k: str(v) for k, v in analysis.outputs.items()},
         },
     )
