@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import statistics
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import closing_line
 from torch import nn
 
 from ssl_kvasir.methods import METHODS
@@ -360,10 +360,14 @@ def main() -> None:
     gain = (
         max(statistics.mean(f1 for f1, _ in results[("reversed", s)]) for s in ("acr", "simpro")) - fixmatch
     )
-    verdict = "met" if math.isfinite(gain) and gain >= 0.03 else "NOT met"
-    print(
-        f"imbalance: best of acr/simpro macro-F1 gain over fixmatch, reversed mix = {gain:+.3f} "
-        f"(target >= +0.03: {verdict})"
+    closing_line(
+        "imbalance",
+        "best of acr/simpro macro-F1 gain over fixmatch, reversed mix",
+        gain,
+        ">=",
+        0.03,
+        digits=3,
+        signed=True,
     )
 
 

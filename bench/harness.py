@@ -191,6 +191,7 @@ def closing_line(
     target: float,
     digits: int = 2,
     unmeasured: str = "",
+    signed: bool = False,
 ) -> str:
     """Print and return the benchmark's one closing line.
 
@@ -205,15 +206,17 @@ def closing_line(
         target: the value it must reach.
         digits: decimals of the printed value.
         unmeasured: why there is no value (required with ``value=None``).
+        signed: print value and target with their sign (a gain: ``+0.035``, target ``+0.03``).
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     if value is None:
         if not unmeasured:
             raise ValueError("a closing line without a value needs the reason (unmeasured=...)")
-        line = f"{benchmark}: {what} = n/a (target {op} {target:g}: not measured, {unmeasured})"
+        line = f"{benchmark}: {what} = n/a (target {op} {target:{'+' if signed else ''}g}: not measured, {unmeasured})"
     else:
         verdict = "met" if math.isfinite(value) and OPS[op](value, target) else "NOT met"
-        line = f"{benchmark}: {what} = {value:.{digits}f} (target {op} {target:g}: {verdict})"
+        sign = "+" if signed else ""
+        line = f"{benchmark}: {what} = {value:{sign}.{digits}f} (target {op} {target:{sign}g}: {verdict})"
     print(line, flush=True)
     return line

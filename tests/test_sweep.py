@@ -163,11 +163,11 @@ def test_run_folder_names_follow_the_budget_and_backbone() -> None:
         InterpolationResolutionError, match="exactly one of data.label_fraction and data.labels_per_class"
     ):
         _ = cfg.output_dir
-    # The default grid: 3 methods x 6 fractions x 2 folds x 1 seed.
+    # The default grid: 5 methods x 6 fractions x 2 folds x 1 seed.
     params = cfg.hydra.sweeper.params
     assert [
         len(str(params[k]).split(",")) for k in ("method", "data.label_fraction", "data.fold", "seed")
-    ] == [3, 6, 2, 1]
+    ] == [5, 6, 2, 1]
 
 
 def test_slurm_launcher_sets_the_trainer_to_its_tasks() -> None:
