@@ -1,4 +1,5 @@
-"""UMAP repeatability, the analysis's shared projections (PCA, one neighbour graph, the cuML path), HDBSCAN on
+"""UMAP repeatability, the analysis's shared projections (PCA, one neighbour graph, one spectral start, the
+layout epochs, the cuML path), HDBSCAN on
 separated blobs (with and without the hdbscan package), cluster purity."""
 
 from __future__ import annotations
@@ -102,6 +103,55 @@ def test_analysis_projections_share_one_neighbour_graph_and_find_the_groups(
     assert adjusted_rand_score(truth, labels) > 0.95
 
 
+def test_analysis_projections_start_both_layouts_from_one_spectral_embedding_and_run_their_epochs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import umap.spectral
+    import umap.umap_
+
+    features, truth = _wide_blobs()
+    spectral, layouts = [], []
+    real_spectral, real_layout = umap.spectral.spectral_layout, umap.umap_.optimize_layout_euclidean
+
+    def counting_spectral(data, graph, dim, *args, **kwargs):
+        spectral.append(dim)
+        return real_spectral(data, graph, dim, *args, **kwargs)
+
+    def recording_layout(head_embedding, tail_embedding, head, tail, n_epochs, *args, **kwargs):
+        layouts.append((head_embedding.shape[1], n_epochs))
+        return real_layout(head_embedding, tail_embedding, head, tail, n_epochs, *args, **kwargs)
+
+    monkeypatch.setattr(umap.spectral, "spectral_layout", counting_spectral)
+    monkeypatch.setattr(umap.umap_, "optimize_layout_euclidean", recording_layout)
+    out = analysis_projections(
+        features, cluster_dims=5, pca_dims=10, n_neighbors=10, seed=3, plot_epochs=40, cluster_epochs=25
+    )
+    assert spectral == [5]  # one spectral embedding, at the clustering dimension, for both layouts
+    assert layouts == [(2, 40), (5, 25)]
+    assert list(out.seconds) == ["pca", "neighbours", "spectral", "plot layout", "cluster layout"]
+    assert all(v >= 0 for v in out.seconds.values())
+    labels, _ = hdbscan_cluster(out.cluster, min_cluster_size=20)
+    assert adjusted_rand_score(truth, labels) > 0.95  # 25 epochs from the spectral start still separate them
+    with pytest.raises(ConfigError, match="umap.cluster_epochs must be >= 1"):
+        analysis_projections(features, cluster_epochs=0)
+
+
+def test_the_first_two_of_five_spectral_eigenvectors_are_the_two_dimensional_spectral_embedding() -> None:
+    """What sharing the spectral start rests on: on a connected graph the 2-D spectral embedding is the first
+    two columns of the 5-D one (the same Laplacian eigenvectors, up to sign)."""
+    from umap.spectral import spectral_layout
+    from umap.umap_ import fuzzy_simplicial_set
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)  # one Gaussian cloud: a connected 10-NN graph
+    graph, _, _ = fuzzy_simplicial_set(x, 10, np.random.RandomState(0), "euclidean")
+    five = spectral_layout(x, graph, 5, np.random.RandomState(0))  # (300, 5)
+    two = spectral_layout(x, graph, 2, np.random.RandomState(0))  # (300, 2)
+    for c in range(2):
+        sign = np.sign(five[:, c] @ two[:, c])
+        np.testing.assert_allclose(sign * five[:, c], two[:, c], atol=1e-3 * np.abs(two[:, c]).max())
+
+
 def test_analysis_projections_use_cuml_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
 
@@ -121,9 +171,9 @@ def test_analysis_projections_use_cuml_when_it_is_there(monkeypatch: pytest.Monk
     features, _ = _wide_blobs()
     out = analysis_projections(features, cluster_dims=5, pca_dims=10, n_neighbors=10, min_dist=0.2)
     assert out.backend == "cuml" and out.plot.shape == (150, 2) and out.cluster.shape == (150, 5)
-    assert [(m["n_components"], m["min_dist"], m["input_shape"]) for m in made] == [
-        (2, 0.2, (150, 10)),
-        (5, 0.0, (150, 10)),
+    assert [(m["n_components"], m["min_dist"], m["n_epochs"], m["input_shape"]) for m in made] == [
+        (2, 0.2, None, (150, 10)),
+        (5, 0.0, None, (150, 10)),
     ]
     assert made[0]["metric"] == "euclidean"  # cosine on the features = Euclidean after normalising + PCA
     # exact=True or backend="umap-learn" keep umap-learn even with cuML present.

@@ -9,15 +9,18 @@ HDBSCAN. :func:`analysis_projections` makes both for less than two plain UMAP ru
 first reduced to 50 dimensions by PCA (common practice before UMAP on wide features: R's uwot has a ``pca``
 option for it, single-cell pipelines run UMAP on 50 principal components), which makes the neighbour search
 cheap; the nearest-neighbour graph is built once and handed to both projections (``precomputed_knn``); and
-the layout optimisation, which is then most of the cost (about 95 % of a projection of 20k points), runs on
-every core unless exact repeatability is asked for, so the gain grows with the number of cores.
+the spectral embedding both layouts start from is computed once; the layout optimisation, which is then most
+of the cost (about 95 % of a projection of 20k points), runs on every core unless exact repeatability is asked
+for, and for fewer epochs than umap-learn's 200 (``plot_epochs``, ``cluster_epochs``; the benchmark
+``bench/bench_umap.py`` measures what that costs in cluster agreement).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -123,11 +126,14 @@ class Projections:
         plot: ``(N, 2)`` float32 coordinates for the plot.
         cluster: ``(N, cluster_dims)`` float32 coordinates for HDBSCAN, or None when no clusters were asked for.
         backend: ``umap-learn`` or ``cuml`` (which library made them).
+        seconds: wall time of each step (``pca``, ``neighbours``, ``spectral``, ``plot layout``,
+            ``cluster layout``; cuML: ``pca`` and ``umap``), for the benchmark's profile.
     """
 
     plot: np.ndarray
     cluster: np.ndarray | None
     backend: str
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def analysis_projections(
@@ -140,6 +146,8 @@ def analysis_projections(
     seed: int = 0,
     exact: bool = False,
     backend: str = "auto",
+    plot_epochs: int | None = None,
+    cluster_epochs: int | None = None,
 ) -> Projections:
     """The 2-D projection for the plot and the ``cluster_dims``-D one for HDBSCAN, sharing their work.
 
@@ -149,8 +157,13 @@ def analysis_projections(
     2. One nearest-neighbour graph (``umap.umap_.nearest_neighbors``, NN-descent) for both projections: UMAP
        builds the same graph from the same points whatever the output dimension, so the second projection
        gets it as ``precomputed_knn`` instead of building it again.
-    3. The two optimisations; the clustering one with ``min_dist=0``, as the UMAP documentation advises for
-       clustering ("Using UMAP for clustering": pack the points densely).
+    3. One spectral embedding of the fuzzy graph (UMAP's default start, eigenvectors of the graph Laplacian)
+       at ``cluster_dims`` dimensions; the plot starts from its first two (the 2-D spectral embedding).
+    4. The two layout optimisations (UMAP's SGD), for ``plot_epochs`` and ``cluster_epochs`` epochs; the
+       clustering one with ``min_dist=0``, as the UMAP documentation advises for clustering ("Using UMAP for
+       clustering": pack the points densely). Starting from the spectral embedding, the groups are apart
+       after a few dozen epochs; the rest refines positions within them, which the plot shows and HDBSCAN
+       hardly needs.
 
     With ``backend="auto"`` and RAPIDS cuML importable, both projections run on the GPU (``cuml.manifold.UMAP``,
     after the same PCA); cuML builds its own neighbour graph per projection.
@@ -167,6 +180,9 @@ def analysis_projections(
             runs on every core; layouts then differ slightly between runs, clusters hardly (the benchmark
             prints the adjusted Rand index between the clusterings of both settings).
         backend: ``auto`` (cuML when importable, else umap-learn), ``umap-learn`` or ``cuml``.
+        plot_epochs: layout epochs of the 2-D plot; None = the library's default (umap-learn: 200 above
+            10,000 points, 500 below).
+        cluster_epochs: layout epochs of the clustering projection; None = the library's default.
 
     Returns:
         the :class:`Projections`.
@@ -179,7 +195,12 @@ def analysis_projections(
         raise ConfigError(f"unknown UMAP backend {backend!r}; valid: auto, umap-learn, cuml")
     if cluster_dims is not None and cluster_dims < 1:
         raise ConfigError(f"umap.cluster_dims must be >= 1, got {cluster_dims}")
+    for key, epochs in (("plot_epochs", plot_epochs), ("cluster_epochs", cluster_epochs)):
+        if epochs is not None and epochs < 1:
+            raise ConfigError(f"umap.{key} must be >= 1 (or null for the library's default), got {epochs}")
     x = _check_features(features, n_neighbors)  # (N, D)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     if pca_dims is not None:
         if metric == "cosine":
             # Cosine distance is Euclidean distance between unit vectors (|a - b|^2 = 2 - 2 cos): normalise,
@@ -188,10 +209,16 @@ def analysis_projections(
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # (N, D)
             metric = "euclidean"
         x = pca_reduce(x, pca_dims, seed)  # (N, pca_dims)
+    seconds["pca"], clock = time.perf_counter() - clock, time.perf_counter()
     if backend == "cuml" or (backend == "auto" and not exact and _cuml_available()):
-        return _cuml_projections(x, cluster_dims, n_neighbors, min_dist, metric, seed)
+        epochs = (plot_epochs, cluster_epochs)
+        out = _cuml_projections(x, cluster_dims, n_neighbors, min_dist, metric, seed, epochs)
+        return Projections(
+            out.plot, out.cluster, out.backend, {**seconds, "umap": time.perf_counter() - clock}
+        )
     umap = import_optional("umap", "pip install umap-learn")
-    from umap.umap_ import nearest_neighbors
+    from umap.spectral import spectral_layout
+    from umap.umap_ import fuzzy_simplicial_set, nearest_neighbors
 
     n_jobs = 1 if exact else -1
     with warnings.catch_warnings():
@@ -199,22 +226,45 @@ def analysis_projections(
         knn_indices, knn_dists, _ = nearest_neighbors(
             x, n_neighbors, metric, {}, False, np.random.RandomState(seed), n_jobs=n_jobs
         )  # (N, k), (N, k)
+        seconds["neighbours"], clock = time.perf_counter() - clock, time.perf_counter()
+        # The fuzzy graph UMAP optimises depends on the neighbours alone, not on the output dimension or
+        # min_dist: its spectral embedding (UMAP's default start) is computed once, at the larger of the two
+        # dimensions, and the plot starts from its first two eigenvectors (the 2-D spectral embedding).
+        graph, _, _ = fuzzy_simplicial_set(
+            x, n_neighbors, np.random.RandomState(seed), metric, knn_indices=knn_indices, knn_dists=knn_dists
+        )  # (N, N) sparse
+        start = spectral_layout(x, graph, max(2, cluster_dims or 2), np.random.RandomState(seed))  # (N, d)
+    start = _scale_start(start, seed)
+    seconds["spectral"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    def project(n_components: int, dist: float) -> np.ndarray:
+    def project(n_components: int, dist: float, n_epochs: int | None) -> np.ndarray:
         reducer = umap.UMAP(
             n_components=n_components,
             n_neighbors=n_neighbors,
             min_dist=dist,
             metric=metric,
+            n_epochs=n_epochs,
+            init=start[:, :n_components],
             random_state=seed if exact else None,
             n_jobs=n_jobs,
             precomputed_knn=(knn_indices, knn_dists),
         )
         return _fit(reducer, x)
 
-    plot = project(2, min_dist)  # (N, 2)
-    cluster = project(cluster_dims, 0.0) if cluster_dims is not None else None  # (N, cluster_dims)
-    return Projections(plot=plot, cluster=cluster, backend="umap-learn")
+    plot = project(2, min_dist, plot_epochs)  # (N, 2)
+    seconds["plot layout"], clock = time.perf_counter() - clock, time.perf_counter()
+    cluster = project(cluster_dims, 0.0, cluster_epochs) if cluster_dims is not None else None  # (N, d)
+    if cluster is not None:
+        seconds["cluster layout"] = time.perf_counter() - clock
+    return Projections(plot=plot, cluster=cluster, backend="umap-learn", seconds=seconds)
+
+
+def _scale_start(start: np.ndarray, seed: int) -> np.ndarray:
+    """A spectral embedding scaled as UMAP scales its own (largest coordinate 10) with the same tiny noise
+    (``umap.umap_.noisy_scale_coords``), which keeps coincident points from starting on top of each other."""
+    rng = np.random.RandomState(seed)
+    scaled = 10.0 * start / np.abs(start).max()  # (N, d)
+    return (scaled + rng.normal(scale=1e-4, size=scaled.shape)).astype(np.float32)
 
 
 def _cuml_available() -> bool:
@@ -228,23 +278,30 @@ def _cuml_available() -> bool:
 
 
 def _cuml_projections(
-    x: np.ndarray, cluster_dims: int | None, n_neighbors: int, min_dist: float, metric: str, seed: int
+    x: np.ndarray,
+    cluster_dims: int | None,
+    n_neighbors: int,
+    min_dist: float,
+    metric: str,
+    seed: int,
+    epochs: tuple[int | None, int | None],
 ) -> Projections:
     cuml_manifold = import_optional("cuml.manifold", "RAPIDS cuML (https://docs.rapids.ai/install)")
 
-    def project(n_components: int, dist: float) -> np.ndarray:
+    def project(n_components: int, dist: float, n_epochs: int | None) -> np.ndarray:
         reducer = cuml_manifold.UMAP(
             n_components=n_components,
             n_neighbors=n_neighbors,
             min_dist=dist,
             metric=metric,
+            n_epochs=n_epochs,
             random_state=seed,
             output_type="numpy",
         )
         return np.asarray(reducer.fit_transform(x), dtype=np.float32)
 
-    plot = project(2, min_dist)  # (N, 2)
-    cluster = project(cluster_dims, 0.0) if cluster_dims is not None else None
+    plot = project(2, min_dist, epochs[0])  # (N, 2)
+    cluster = project(cluster_dims, 0.0, epochs[1]) if cluster_dims is not None else None
     return Projections(plot=plot, cluster=cluster, backend="cuml")
 
 

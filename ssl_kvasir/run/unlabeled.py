@@ -216,15 +216,29 @@ def neighbours(cfg: DictConfig, analysis: Analysis, classes, path: Path) -> Path
 
 
 def run_clusters(cfg: DictConfig, analysis: Analysis) -> None:
-    """UMAP to 2-D (plots) and to ``umap.cluster_dims`` (clustering), HDBSCAN clusters and outlier scores."""
-    from ssl_kvasir.analysis.cluster import hdbscan_cluster, umap_embed
+    """UMAP to 2-D (plots) and, with ``cluster.enabled``, to ``umap.cluster_dims`` (clustering), sharing
+    their PCA and neighbour graph (:func:`~ssl_kvasir.analysis.cluster.analysis_projections`); HDBSCAN
+    clusters and outlier scores on the latter."""
+    from ssl_kvasir.analysis.cluster import analysis_projections, hdbscan_cluster
 
-    features = np.asarray(analysis.store.features, dtype=np.float32)
     u = cfg.umap
-    analysis.coords = umap_embed(features, 2, seed=cfg.seed, n_neighbors=u.n_neighbors, min_dist=u.min_dist)
-    if cfg.cluster.enabled:
-        space = umap_embed(features, u.cluster_dims, seed=cfg.seed, n_neighbors=u.n_neighbors, min_dist=0.0)
-        analysis.clusters, analysis.outlier_scores = hdbscan_cluster(space, cfg.cluster.min_cluster_size)
+    projections = analysis_projections(
+        analysis.store.features,
+        cluster_dims=u.cluster_dims if cfg.cluster.enabled else None,
+        pca_dims=u.pca_dims,
+        n_neighbors=u.n_neighbors,
+        min_dist=u.min_dist,
+        seed=cfg.seed,
+        exact=u.exact,
+        backend=u.backend,
+        plot_epochs=u.plot_epochs,
+        cluster_epochs=u.cluster_epochs,
+    )
+    analysis.coords = projections.plot  # (N, 2)
+    if projections.cluster is not None:
+        analysis.clusters, analysis.outlier_scores = hdbscan_cluster(
+            projections.cluster, cfg.cluster.min_cluster_size
+        )
 
 
 def pseudo_label_table(cfg: DictConfig, analysis: Analysis, classes):
