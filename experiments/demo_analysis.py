@@ -24,14 +24,18 @@ def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
     """The run with the highest *validation* ``metric`` (ties: the first path in sorted order).
 
     The choice never looks at the evaluation fold: that would make the analysed checkpoint a model selected
-    on test data.
+    on test data. Runs without validation images (a budget too small to spare one per class, or
+    ``data.val_policy=none``) cannot be chosen, and are named.
     """
     candidates = []
     for path in sorted(find_results_files([runs_dir])):
         results = read_results(path, ("method", "backbone", "fold", "metrics", "val_metrics", "checkpoint"))
         if results["val_metrics"] is None:
-            raise DataError(f"{path}: the run has no validation metrics to choose it by")
+            print(f"note: {path.parent} has no validation images to be chosen by (its label budget)")
+            continue
         candidates.append((results["val_metrics"][metric], path, results))
+    if not candidates:
+        raise DataError(f"no run below {runs_dir} has validation metrics to choose it by")
     _, path, results = max(candidates, key=lambda c: c[0])  # max keeps the first of equal scores
     return {
         "results": str(path),

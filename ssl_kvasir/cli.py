@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import SslKvasirError
 from ssl_kvasir.run.guard import FitInterrupted
 
@@ -297,23 +298,6 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-class _QuietThirdParty(logging.Filter):
-    """Drops the lines that say nothing about the run: advertisements and hardware we do not use."""
-
-    NOISE = (
-        "💡 Tip",
-        "litlogger",
-        "TPU available",
-        "HPU available",
-        "Restoring states from",
-        "Loaded model weights",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(noise in message for noise in self.NOISE)
-
-
 def _setup_logging() -> None:
     """Rich log lines on a terminal; plain, unwrapped lines (whole paths, greppable) in files and pipes.
 
@@ -327,14 +311,9 @@ def _setup_logging() -> None:
     else:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    handler.addFilter(_QuietThirdParty())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        # Lightning gives its loggers a handler of their own when it is imported first: one line, not two.
-        lightning_logger = logging.getLogger(name)
-        lightning_logger.handlers.clear()
-        lightning_logger.propagate = True
+    quiet_console()
 
 
 def _fit(argv: list[str]) -> int:
@@ -528,19 +507,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 }
 
 
-def _quiet_dependencies() -> None:
-    """Deprecation notices of the libraries underneath are for their users' developers, not for ours."""
-    import os
-    import warnings
-
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-    os.environ.setdefault("WANDB_QUIET", "true")  # W&B's run summary tables; its warnings still show
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _quiet_dependencies()
+    quiet_console()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<22} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: ssl-kvasir COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)

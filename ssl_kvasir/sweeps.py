@@ -31,6 +31,7 @@ from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_kvasir.config import validate
+from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.results import RESULTS_NAME
@@ -119,6 +120,8 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
     # Imported only for a run to fit: a skipped point costs no torch import.
     from ssl_kvasir.run.preempt import Requeued
     from ssl_kvasir.run.train import fit
+
+    quiet_console()  # after Lightning's import: its lines once, through Hydra's handlers
 
     log.info("fitting %s", out)
     try:

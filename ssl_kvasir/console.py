@@ -1,0 +1,47 @@
+"""One quiet console for every entry point (``ssl-kvasir``, the sweep's points): each message once, in the
+entry point's format, without the lines that say nothing about the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+NOISE = (
+    "💡 Tip",
+    "litlogger",
+    "TPU available",
+    "HPU available",
+    "Restoring states from",
+    "Loaded model weights",
+)
+"""Substrings of third-party log lines that are dropped: advertisements, hardware we do not use, and the
+checkpoint reloads that model selection does on every fit."""
+
+
+class QuietThirdParty(logging.Filter):
+    """Drops the log records whose message holds one of :data:`NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in NOISE)
+
+
+def quiet_console() -> None:
+    """Route Lightning's log lines through the root handlers (once, in their format), filter :data:`NOISE` on
+    those handlers, and silence the deprecation notices of the libraries underneath (they are for those
+    libraries' users' developers, not for ours).
+
+    Call it after Lightning is imported: Lightning gives its loggers handlers of their own at import (the
+    package logger always, the subpackages' when the root logger has none yet), which print every line again.
+    """
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("WANDB_QUIET", "true")  # W&B's run summary tables; its warnings still show
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, QuietThirdParty) for f in handler.filters):
+            handler.addFilter(QuietThirdParty())
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_logger = logging.getLogger(name)
+        lightning_logger.handlers.clear()
+        lightning_logger.propagate = True
