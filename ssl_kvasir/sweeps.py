@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_kvasir.config import validate
 from ssl_kvasir.console import quiet_console
-from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.errors import ConfigError, SslKvasirError
 from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.results import RESULTS_NAME
 from ssl_kvasir.status import (
@@ -126,6 +126,10 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
     log.info("fitting %s", out)
     try:
         results = fit(cfg)
+    except SslKvasirError as e:
+        # Bad input or config: one line, as `ssl-kvasir fit` gives it, and its exit status.
+        log.error("%s: error: %s", out, e)
+        raise SystemExit(2) from None
     except Requeued as e:
         # As submitit's own handler leaves a requeued job: no result (the job is not over), exit status -1.
         log.warning("%s: %s", out, e)

@@ -1,0 +1,76 @@
+"""What a user reads: each message once, no advertisements, one line per epoch when output is not a terminal,
+the metrics and paths at the end; the same for a sweep's points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+TINY = [
+    "backbone.name=test_resnet",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.steps_per_epoch=2",
+    "trainer.max_steps=6",
+]
+
+
+def _repeated(text: str) -> list[str]:
+    """Non-blank lines that occur more than once (timestamps stripped: a repeat is the same message)."""
+    lines = [line.split("] - ", 1)[-1].split(" INFO ", 1)[-1].strip() for line in text.splitlines()]
+    return [line for line, n in Counter(lines).items() if line and n > 1]
+
+
+def _assert_quiet(text: str) -> None:
+    assert "litlogger" not in text and "Tip:" not in text
+    assert "DeprecationWarning" not in text and "is deprecated" not in text
+    assert _repeated(text) == []
+
+
+def test_fit_prints_each_message_once_and_one_line_per_epoch(synth_archive: Path, tmp_path: Path) -> None:
+    data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
+    cmd = [
+        str(Path(sys.executable).parent / "ssl-kvasir"),
+        "fit",
+        f"output_dir={tmp_path / 'run'}",
+        *data,
+        *TINY,
+    ]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    _assert_quiet(output)
+    epochs = [line for line in output.splitlines() if " epoch " in line and "step" in line]
+    assert [line.split(" epoch ")[1].split(",")[0] for line in epochs] == ["1/3", "2/3", "3/3"]
+    assert f"-> {tmp_path / 'run' / 'results.json'}" in done.stdout and "MCC" in done.stdout
+
+
+def test_a_sweep_point_logs_each_message_once(synth_archive: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    args = [
+        "method=supervised",
+        "backbone=test_resnet",
+        "data.fold=1",
+        "data.label_fraction=1.0",
+        "logger=csv",
+        *TINY,
+    ]
+    bin_dir = Path(sys.executable).parent
+    make = ["make", "-s", f"BIN={bin_dir}", "-o", f"{bin_dir}/ssl-kvasir", "pretrain"]
+    cmd = [*make, f"DATA={synth_archive}", f"OUT={root}", "ARGS=" + " ".join(args)]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (point_log,) = root.rglob("point.log")
+    text = point_log.read_text()
+    _assert_quiet(text)
+    assert text.count("fitting ") == 1 and text.count("GPU available") == 1
