@@ -44,6 +44,7 @@ def _analysis_args(trained, out, *extra):
         *data,
         "data.num_workers=0",
         "umap.n_neighbors=5",
+        "umap.exact=true",  # one thread, seeded: the clusters are the same on every run
         "cluster.min_cluster_size=5",
         *extra,
     ]
@@ -134,6 +135,12 @@ def test_archive_changed_since_embedding(trained, synth_archive, tmp_path, capsy
 def test_bad_analysis_requests(trained, tmp_path, capsys):
     assert main(["export-pseudo-labels", *_analysis_args(trained, tmp_path / "k", "knn.k=100000")]) == 2
     assert "k=100000" in capsys.readouterr().err
+    # UMAP's keys are checked before anything is loaded: one line naming each bad key.
+    bad = ["umap.backend=gpu", "umap.pca_dims=0", "umap.cluster_epochs=0"]
+    assert main(["analyze", *_analysis_args(trained, tmp_path / "u", *bad)]) == 2
+    err = capsys.readouterr().err
+    assert "umap.backend" in err and "umap.pca_dims" in err and "umap.cluster_epochs" in err
+    assert not (tmp_path / "u").exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = tmp_path / "ok"
