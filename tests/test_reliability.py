@@ -311,7 +311,7 @@ def test_sigterm_exits_non_zero_and_the_same_command_resumes(
 
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Restoring states from the checkpoint" in resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
     assert json.loads((out / "results.json").read_text())["steps"] == 30
 
 

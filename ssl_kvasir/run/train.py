@@ -147,6 +147,7 @@ def fit_once(
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         guard.check_checkpoint(last, guard.fingerprint(cfg), out)
+        log.info("resuming from %s", last)
     with guard.interruptions(trainer, last), one_tracking_run(logger):
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path or str(last)
