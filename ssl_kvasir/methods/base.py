@@ -199,7 +199,7 @@ class BaseMethod(L.LightningModule):
         """Build the method from plain config values (what a config file and the data say).
 
         Methods whose constructor takes strategy objects turn the config's names into objects here (see
-        :meth:`FixMatch.from_config <ssl_kvasir.methods.fixmatch.FixMatch.from_config>`). The config values
+        :meth:`FixMatch.strategies <ssl_kvasir.methods.fixmatch.FixMatch.strategies>`). The config values
         are stored as the hyper-parameters, so a checkpoint rebuilds the method through this same call.
         """
         module = cls(network=network, **cls.strategies(config))
