@@ -13,7 +13,7 @@ from ssl_kvasir.errors import DataError
 from ssl_kvasir.io import atomic_write
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.models import build_network
-from ssl_kvasir.run.experiment import method_class
+from ssl_kvasir.run.experiment import Experiment, method_class
 from ssl_kvasir.run.guard import unreadable_checkpoint
 
 
@@ -71,3 +71,18 @@ def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
     module.load_state_dict(ckpt["state_dict"])
     module.data_settings = ckpt.get(KvasirDataModule.__qualname__, {})
     return module.eval()
+
+
+def require_same_classes(
+    module: BaseMethod, checkpoint: str | Path, exp: Experiment, root: str | Path
+) -> None:
+    """Refuse to apply a checkpoint to data with another number of classes.
+
+    Raises:
+        DataError: naming the checkpoint, the data and both class counts.
+    """
+    n_classes = len(exp.catalog.classes)
+    if module.num_classes != n_classes:
+        raise DataError(
+            f"checkpoint {checkpoint} has {module.num_classes} classes, the data at {root} has {n_classes}"
+        )

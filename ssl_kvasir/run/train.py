@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,16 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssl_kvasir.config import require
 from ssl_kvasir.data.splits import unlabeled_pool
-from ssl_kvasir.errors import ConfigError, DataError
+from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.io import atomic_write_json
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.run import guard
-from ssl_kvasir.run.checkpoint import AtomicCheckpointIO, load_method
+from ssl_kvasir.run.checkpoint import AtomicCheckpointIO, load_method, require_same_classes
 from ssl_kvasir.run.experiment import (
     Experiment,
     build_datamodule,
@@ -230,41 +233,33 @@ def _finish_wandb(logger, exit_code: int, preempting: bool = False) -> None:
             wandb.finish(exit_code=exit_code)
 
 
-def console_lines():
-    """A Lightning callback: one log line per epoch (at its validation, if any), for logs and pipes where a
-    progress bar would be noise."""
-    import time
+class ConsoleLines(Callback):
+    """One log line per epoch (at its validation, if any), for logs and pipes where a progress bar would be
+    noise."""
 
-    from lightning.pytorch.callbacks import Callback
+    def on_train_start(self, trainer, module) -> None:
+        # A run resumed mid-epoch (run.preempt) starts without on_train_epoch_start.
+        self.start = time.perf_counter()
 
-    class ConsoleLines(Callback):
-        def on_train_start(self, trainer, module) -> None:
-            # A run resumed mid-epoch (run.preempt) starts without on_train_epoch_start.
-            self.start = time.perf_counter()
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
 
-        def on_train_epoch_start(self, trainer, module) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module) -> None:
-            if not trainer.is_global_zero:
-                return
-            m = trainer.callback_metrics
-            shown = [f"{k} {float(m[k]):.4f}" for k in ("train/loss", "val/mcc", "val/macro_f1") if k in m]
-            log.info(
-                "epoch %d/%d, step %d: %s (%.1f s)",
-                trainer.current_epoch + 1,
-                trainer.max_epochs,
-                trainer.global_step,
-                ", ".join(shown),
-                time.perf_counter() - self.start,
-            )
-
-    return ConsoleLines()
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        shown = [f"{k} {float(m[k]):.4f}" for k in ("train/loss", "val/mcc", "val/macro_f1") if k in m]
+        log.info(
+            "epoch %d/%d, step %d: %s (%.1f s)",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            trainer.global_step,
+            ", ".join(shown),
+            time.perf_counter() - self.start,
+        )
 
 
 def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
-    import sys
-
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -308,7 +303,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         logger=logger,
         # trainer.checkpoint_callback is the first: the model selection. One log line per epoch unless a bar shows.
         callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg))]
-        + ([] if interactive else [console_lines()])
+        + ([] if interactive else [ConsoleLines()])
         + cluster,
         plugins=plugins,
         # The samplers shard themselves under DDP and stay seeded by (seed, epoch).
@@ -404,11 +399,8 @@ def evaluate(cfg: DictConfig) -> dict:
     require(cfg, "checkpoint", "output_dir", "data.root")
     module = load_method(Path(cfg.checkpoint))
     exp = load_experiment(cfg.data)
+    require_same_classes(module, cfg.checkpoint, exp, cfg.data.root)
     n_classes = len(exp.catalog.classes)
-    if module.num_classes != n_classes:
-        raise DataError(
-            f"checkpoint {cfg.checkpoint} has {module.num_classes} classes, the data at {cfg.data.root} has {n_classes}"
-        )
     spec = module.model.spec
     cfg = cfg.copy()
     with open_dict(cfg):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from ssl_kvasir.config import require
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.io import atomic_write_json, atomic_write_text
-from ssl_kvasir.run.checkpoint import load_method
+from ssl_kvasir.run.checkpoint import load_method, require_same_classes
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
 from ssl_kvasir.run.predict import Predictor
 
@@ -81,11 +81,7 @@ def load_checkpoint_and_data(cfg: DictConfig):
         with open_dict(cfg):
             cfg.data.image_size = module.data_settings.get("image_size", 224)
     exp = load_experiment(cfg.data)
-    if module.num_classes != len(exp.catalog.classes):
-        raise DataError(
-            f"checkpoint {cfg.checkpoint} has {module.num_classes} classes, the data at {cfg.data.root} has "
-            f"{len(exp.catalog.classes)}"
-        )
+    require_same_classes(module, cfg.checkpoint, exp, cfg.data.root)
     return module, exp
 
 
