@@ -1,4 +1,4 @@
-"""`ssl-kvasir curves` over 1,000 generated results files: a naive reader vs ssl_kvasir.curves.
+"""`ssl-kvasir curves` over 1,000 generated results files: a naive reader vs ssl_kvasir.study.curves.
 
 Baseline: walk the folder, ``json.load`` each results file and append it to a DataFrame with ``pandas.concat``
 one row at a time, then group by method, backbone and label fraction. Ours: ``load_runs`` (one checked record
@@ -104,7 +104,7 @@ def naive_curves(root: Path, metrics: tuple[str, ...]) -> pd.DataFrame:
 
 
 def main() -> None:
-    from ssl_kvasir.curves import CURVE_METRICS, load_runs, summarize, write_curves
+    from ssl_kvasir.study.curves import CURVE_METRICS, load_runs, summarize, write_curves
 
     p = parser(__doc__, quick="200 files instead of 1,000")
     p.add_argument("--files", type=int, help="number of results files (default 1,000)")

@@ -34,7 +34,7 @@ import pandas as pd
 from harness import closing_line, parser
 
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
-from ssl_kvasir.io import atomic_write_text
+from ssl_kvasir.files import atomic_write_text
 from ssl_kvasir.pseudo_labels.table import CHUNK_ROWS, build_pseudo_label_table, write_pseudo_labels
 
 C = len(HYPERKVASIR_CLASSES)

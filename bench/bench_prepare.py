@@ -31,7 +31,7 @@ from PIL import Image
 from ssl_kvasir.data.cache import pool_context, prepare_cache, shrink
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.data.synth import JPEG_QUALITY, render_image
-from ssl_kvasir.io import atomic_write, atomic_write_json
+from ssl_kvasir.files import atomic_write, atomic_write_json
 
 SIZES = ((720, 576), (1280, 1024))
 TARGETS = {(720, 576): 2.0, (1280, 1024): 3.7}

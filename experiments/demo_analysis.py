@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from ssl_kvasir.errors import DataError, SslKvasirError
-from ssl_kvasir.io import atomic_write_json
-from ssl_kvasir.report import render_markdown, write_report
-from ssl_kvasir.results import find_results_files, read_results
+from ssl_kvasir.files import atomic_write_json
+from ssl_kvasir.study.report import render_markdown, write_report
+from ssl_kvasir.study.results import find_results_files, read_results
 
 
 def best_run(runs_dir: Path, metric: str = "mcc") -> dict:

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ssl_kvasir.sweeps import run_point
+from ssl_kvasir.study.sweeps import run_point
 
 
 @hydra.main(config_path="../configs", config_name="sweep", version_base="1.3")

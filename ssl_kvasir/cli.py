@@ -96,8 +96,8 @@ def _print_check(summary: dict) -> None:
 
 
 def _baselines(argv: list[str]) -> int:
-    from ssl_kvasir.baselines import split_file_baselines
-    from ssl_kvasir.report import TABLE_METRICS, baseline_rows, render_markdown
+    from ssl_kvasir.study.baselines import split_file_baselines
+    from ssl_kvasir.study.report import TABLE_METRICS, baseline_rows, render_markdown
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir baselines",
@@ -138,7 +138,7 @@ def _baselines(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from ssl_kvasir.report import write_report
+    from ssl_kvasir.study.report import write_report
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir report",
@@ -357,7 +357,7 @@ def _analysis_command(step: str):
             return 0
         cfg = compose("analyze", argv)
         validate(cfg, ANALYZE_RULES)
-        from ssl_kvasir.run import unlabeled as analyze
+        from ssl_kvasir.run import analyze
 
         _setup_logging()
         if step == "embed":
@@ -408,7 +408,7 @@ def _composition(argv: list[str]) -> int:
 
 
 def _curves(argv: list[str]) -> int:
-    from ssl_kvasir.curves import CURVE_METRICS, load_runs, open_wandb_run, wandb_project, write_curves
+    from ssl_kvasir.study.curves import CURVE_METRICS, load_runs, open_wandb_run, wandb_project, write_curves
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir curves",
@@ -449,7 +449,7 @@ def _curves(argv: list[str]) -> int:
 
 
 def _status(argv: list[str]) -> int:
-    from ssl_kvasir.status import format_status, sweep_status
+    from ssl_kvasir.study.status import format_status, sweep_status
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir status",
@@ -465,7 +465,7 @@ def _status(argv: list[str]) -> int:
 
 
 def _weights(argv: list[str]) -> int:
-    from ssl_kvasir.weights import fetch_weights, weights_override
+    from ssl_kvasir.models.weights import fetch_weights, weights_override
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir weights",

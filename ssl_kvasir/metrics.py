@@ -185,7 +185,7 @@ def plot_confusion_matrix(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ssl_kvasir.io import atomic_write_bytes
+    from ssl_kvasir.files import atomic_write_bytes
 
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:

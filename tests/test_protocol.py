@@ -111,7 +111,7 @@ def test_knn_database_is_the_checkpoints_own_labeled_images(one_percent_run, imb
     from ssl_kvasir.config import compose
     from ssl_kvasir.data.splits import make_split
     from ssl_kvasir.errors import ConfigError
-    from ssl_kvasir.run import unlabeled as analysis
+    from ssl_kvasir.run import analyze as analysis
 
     data = [f"data.root={imbalanced_archive}", f"data.split_file={imbalanced_archive / '2_fold_split.csv'}"]
     base = [
@@ -192,7 +192,7 @@ def test_paper_protocol_is_the_table3_one():
 
 
 def test_curves_say_which_protocol_and_validation_policy_made_each_point(tmp_path):
-    from ssl_kvasir.curves import load_runs, render_markdown, summarize
+    from ssl_kvasir.study.curves import load_runs, render_markdown, summarize
 
     def write(name: str, seed: int, **fields) -> None:
         results = {"method": "fixmatch", "backbone": "test_resnet", "fold": 0, "seed": seed}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ssl_kvasir.data.synth import make_synthetic_archive
-from ssl_kvasir.io import LOCK_FILE, FolderLocked, _process_start, hold_lock
+from ssl_kvasir.files import LOCK_FILE, FolderLocked, _process_start, hold_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 TINY = [

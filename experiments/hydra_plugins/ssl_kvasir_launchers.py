@@ -3,10 +3,10 @@
 Hydra takes launchers only from the ``hydra_plugins`` namespace package; this folder adds to it when the sweep
 runs as ``python experiments/sweep.py`` (the script's folder is on ``sys.path``). The launchers decide only what
 to start and how; what a point is, what is done or live, and how a point runs alone are
-``ssl_kvasir.sweeps``'s and ``ssl_kvasir.status``'s.
+``ssl_kvasir.study.sweeps``'s and ``ssl_kvasir.study.status``'s.
 
 - :class:`PointLauncher` (local): every point not done and not live, one after another, each as its own process
-  (``ssl_kvasir.sweeps.run_local``), so a multi-GPU point is one DDP job whose ranks re-run that point only.
+  (``ssl_kvasir.study.sweeps.run_local``), so a multi-GPU point is one DDP job whose ranks re-run that point only.
 - :class:`SlurmPointLauncher`: the same points as one SLURM array through submitit (the job script is
   hydra-submitit-launcher's), a ``job.json`` marker with the job id in each point's folder; with
   ``hydra.launcher.wait=false`` it returns once the array is submitted (``make pretrain WAIT=0``), otherwise it waits for the array to end.
@@ -26,8 +26,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_kvasir.status import write_marker
-from ssl_kvasir.sweeps import Point, plan, run_local
+from ssl_kvasir.study.status import write_marker
+from ssl_kvasir.study.sweeps import Point, plan, run_local
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class PointLauncher(Launcher):
 
 class SlurmPointLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher that submits only the points to do, marks them with their job
-    ids, and waits for them only when ``hydra.launcher.wait`` is true (``ssl_kvasir.sweeps.SweepSlurmConf``)."""
+    ids, and waits for them only when ``hydra.launcher.wait`` is true (``ssl_kvasir.study.sweeps.SweepSlurmConf``)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit

@@ -20,7 +20,7 @@ import pandas as pd
 from ssl_kvasir.analysis.plots import plot_composition
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.io import atomic_write
+from ssl_kvasir.files import atomic_write
 from ssl_kvasir.pseudo_labels.table import read_pseudo_labels
 
 __all__ = [

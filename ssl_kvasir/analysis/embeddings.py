@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.io import atomic_write, atomic_write_json
+from ssl_kvasir.files import atomic_write, atomic_write_json
 
 FEATURES_FILE = "features.npy"
 PROBS_FILE = "probs.npy"

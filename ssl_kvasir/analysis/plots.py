@@ -28,7 +28,7 @@ def _figure(width: float, height: float):
 
 
 def _save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    from ssl_kvasir.io import atomic_write_bytes
+    from ssl_kvasir.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)

@@ -233,7 +233,7 @@ def _split_rows(path: Path, reader, classes: ClassTable, found: list[str]) -> li
 
 def write_split_file(path: Path, filenames, labels, folds, classes: ClassTable) -> None:
     """Write a split file in the official format (split-file spellings of the class names)."""
-    from ssl_kvasir.io import atomic_write_text
+    from ssl_kvasir.files import atomic_write_text
 
     lines = [";".join(SPLIT_HEADER)]
     lines += [

@@ -39,7 +39,7 @@ from PIL import Image
 
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.io import LOCK_FILE, atomic_write, atomic_write_json, hold_lock
+from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.io import atomic_write
+from ssl_kvasir.files import atomic_write
 from ssl_kvasir.pseudo_labels.selection import select_pseudo_labels as select
 
 PSEUDO_LABEL_COLUMNS = [

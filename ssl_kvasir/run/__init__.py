@@ -10,5 +10,5 @@ reverse, and within ``run`` a module imports only the modules listed before it:
     checkpoint   a trained method back from its checkpoint; atomic checkpoint writes
     predict      the one prediction path (weights, device, autocast), streamed
     train        fit (a method's procedure: one stage or several), evaluate, results.json
-    unlabeled    embed, analyze, export-pseudo-labels: what is in the unlabeled pile
+    analyze      embed, analyze, export-pseudo-labels: what is in the unlabeled pile
 """

@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ssl_kvasir.data.datamodule import KvasirDataModule
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.io import atomic_write
+from ssl_kvasir.files import atomic_write
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.models import build_network
 from ssl_kvasir.run.experiment import Experiment, method_class

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_kvasir.errors import DataError, SslKvasirError
-from ssl_kvasir.io import atomic_write_json, hold_lock
+from ssl_kvasir.files import atomic_write_json, hold_lock
 
 RUN_FILE = "run.json"
 FINGERPRINT_KEY = "run_fingerprint"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
-from ssl_kvasir.io import atomic_write_json
+from ssl_kvasir.files import atomic_write_json
 
 log = logging.getLogger("ssl_kvasir")
 # Our samplers resume mid-epoch without Lightning's stateful-loader interface (they skip what was done).
@@ -53,7 +53,7 @@ class Requeued(BaseException):
     resume checkpoint (and, on rank 0, requeueing the job).
 
     Not an ``Exception``: nothing on the way may take it for a failure (submitit writes no result for the job,
-    which is not over; the W&B run is not marked failed). ``ssl_kvasir.sweeps`` turns it into the exit that
+    which is not over; the W&B run is not marked failed). ``ssl_kvasir.study.sweeps`` turns it into the exit that
     submitit's own handler makes, ``sys.exit(-1)``. Not a ``SystemExit`` either, which the run layer reads as an
     interruption by the user.
     """

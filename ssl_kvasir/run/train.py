@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssl_kvasir.config import require
 from ssl_kvasir.data.splits import unlabeled_pool
 from ssl_kvasir.errors import ConfigError
-from ssl_kvasir.io import atomic_write_json
+from ssl_kvasir.files import atomic_write_json
 from ssl_kvasir.methods import BaseMethod
 from ssl_kvasir.names import backbone_id, budget_id
 from ssl_kvasir.run import guard
@@ -41,7 +41,7 @@ from ssl_kvasir.run.experiment import (
     schedule,
 )
 from ssl_kvasir.run.predict import Predictor
-from ssl_kvasir.tracking import run_group
+from ssl_kvasir.run.tracking import run_group
 from ssl_kvasir.version import code_version
 
 log = logging.getLogger("ssl_kvasir")
@@ -168,7 +168,7 @@ def fit_once(
 
 
 def build_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = None):
-    """The fit's logger; a W&B run is named, grouped and typed by :func:`ssl_kvasir.tracking.run_identity`
+    """The fit's logger; a W&B run is named, grouped and typed by :func:`ssl_kvasir.run.tracking.run_identity`
     (``stage``: a method stage's record, e.g. self-training's ``{"round": r}``)."""
     from lightning.pytorch.loggers import CSVLogger
 
@@ -178,7 +178,7 @@ def build_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = N
         raise ConfigError(f"unknown logger {cfg.logger.kind!r}; valid: wandb, csv")
     from lightning.pytorch.loggers import WandbLogger
 
-    from ssl_kvasir.tracking import run_identity, run_tags, wandb_mode
+    from ssl_kvasir.run.tracking import run_identity, run_tags, wandb_mode
 
     identity = run_identity(cfg, stage)
     return WandbLogger(

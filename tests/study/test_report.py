@@ -14,16 +14,16 @@ from PIL import Image
 from ssl_kvasir.cli import main
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.report import (
+from ssl_kvasir.study.report import (
     TABLE_METRICS,
     load_result,
     paper_row_for_backbone,
     summarize_systems,
     write_report,
 )
-from ssl_kvasir.results import find_results_files
+from ssl_kvasir.study.results import find_results_files
 
-SPLIT_FILE = Path(__file__).resolve().parents[2] / "shared/hyperkvasir/2_fold_split.csv"
+SPLIT_FILE = Path(__file__).resolve().parents[3] / "shared/hyperkvasir/2_fold_split.csv"
 NAMES = HYPERKVASIR_CLASSES.names
 
 

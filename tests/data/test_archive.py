@@ -15,7 +15,7 @@ from ssl_kvasir.data.archive import load_catalog, read_split_file, stratified_fo
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "hyperkvasir"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "hyperkvasir"
 needs_shared = pytest.mark.skipif(not (SHARED / "2_fold_split.csv").is_file(), reason=f"{SHARED} is absent")
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ssl_kvasir.status import MARKER, format_status, point_status, sweep_status, write_marker
-from ssl_kvasir.sweeps import Point, plan
+from ssl_kvasir.study.status import MARKER, format_status, point_status, sweep_status, write_marker
+from ssl_kvasir.study.sweeps import Point, plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 POINTS = ("frac0.5", "frac1")

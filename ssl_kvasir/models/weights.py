@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ssl_kvasir.errors import ConfigError
-from ssl_kvasir.io import atomic_write
+from ssl_kvasir.files import atomic_write
 
 
 def fetch_weights(name: str, out: str | Path) -> list[Path]:

@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssl_kvasir.baselines import (
+from ssl_kvasir.cli import main
+from ssl_kvasir.data.archive import read_split_file
+from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+from ssl_kvasir.metrics import METRIC_KEYS, classification_metrics
+from ssl_kvasir.study.baselines import (
     PAPER_TABLE3,
     majority_class_baseline,
     random_guess_baseline,
     random_guess_repeats,
     split_file_baselines,
 )
-from ssl_kvasir.cli import main
-from ssl_kvasir.data.archive import read_split_file
-from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
-from ssl_kvasir.metrics import METRIC_KEYS, classification_metrics
 
-SPLIT_FILE = Path(__file__).resolve().parents[2] / "shared/hyperkvasir/2_fold_split.csv"
+SPLIT_FILE = Path(__file__).resolve().parents[3] / "shared/hyperkvasir/2_fold_split.csv"
 PAPER_KEYS = ("macro_precision", "macro_recall", "macro_f1", "micro_f1", "mcc")
 
 

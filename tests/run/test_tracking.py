@@ -12,7 +12,7 @@ import torch
 
 from ssl_kvasir.config import compose
 from ssl_kvasir.pseudo_labels.masking import ClassAdaptiveThreshold
-from ssl_kvasir.tracking import run_identity, run_name
+from ssl_kvasir.run.tracking import run_identity, run_name
 
 
 def test_run_names_groups_and_round_job_types() -> None:
@@ -105,7 +105,7 @@ def test_analyze_logs_to_a_wandb_run_of_its_own(
     summary to an offline run named after that run, with job type ``analysis``, in the run's group."""
     import json
 
-    from test_sweep import wandb_records
+    from helpers import wandb_records
 
     from ssl_kvasir.cli import main
 
@@ -140,7 +140,7 @@ def test_analyze_logs_to_a_wandb_run_of_its_own(
 def test_self_training_rounds_are_wandb_runs_with_round_and_job_type(
     synth_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_sweep import wandb_records
+    from helpers import wandb_records
 
     from ssl_kvasir.cli import main
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from ssl_kvasir.cli import main
-from ssl_kvasir.curves import find_results_files, load_runs, summarize, write_curves
 from ssl_kvasir.errors import DataError
+from ssl_kvasir.study.curves import find_results_files, load_runs, summarize, write_curves
 
 
 def write_run(
@@ -253,7 +253,7 @@ def test_reference_only_for_hyperkvasir_runs(sweep: Path, tmp_path: Path) -> Non
     with_reference = write_curves([sweep], tmp_path / "hk_curves")
     assert "MCC 0.899" in with_reference.markdown
     # The plot differs by the reference line alone: drawn for HyperKvasir, not for the folder data set.
-    from ssl_kvasir.curves import plot_curves
+    from ssl_kvasir.study.curves import plot_curves
 
     a = plot_curves(report.summary, ["mcc"], tmp_path / "a.png", reference=False).read_bytes()
     b = plot_curves(report.summary, ["mcc"], tmp_path / "b.png", reference=True).read_bytes()
@@ -263,7 +263,7 @@ def test_reference_only_for_hyperkvasir_runs(sweep: Path, tmp_path: Path) -> Non
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_curves_logs_line_charts_to_an_offline_wandb_run(sweep: Path, tmp_path: Path) -> None:
     """`make curves` with W&B offline (nothing configured) leaves a W&B run with a line chart of each metric."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     cmd = ["make", "-s", f"BIN={bin_dir}", "-o", f"{bin_dir}/ssl-kvasir", "curves", f"OUT={sweep}"]

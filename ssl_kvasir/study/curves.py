@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ssl_kvasir.baselines import PAPER_TABLE3
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.io import atomic_write, atomic_write_text
+from ssl_kvasir.files import atomic_write, atomic_write_text
 from ssl_kvasir.names import METRIC_LABELS
-from ssl_kvasir.results import find_results_files, is_integer, is_number, read_results, results_error
+from ssl_kvasir.study.baselines import PAPER_TABLE3
+from ssl_kvasir.study.results import find_results_files, is_integer, is_number, read_results, results_error
 
 CURVE_METRICS = ("mcc", "macro_f1", "micro_f1")
 REFERENCE_ROW = "DenseNet-161"
@@ -326,9 +326,9 @@ def wandb_project(runs: pd.DataFrame, override: str | None = None) -> tuple[str,
 
 
 def open_wandb_run(project: str, entity: str | None, out: Path):
-    """A W&B run for the curves, online or offline as :func:`ssl_kvasir.tracking.wandb_mode` decides."""
+    """A W&B run for the curves, online or offline as :func:`ssl_kvasir.run.tracking.wandb_mode` decides."""
     from ssl_kvasir.analysis._optional import import_optional
-    from ssl_kvasir.tracking import wandb_mode
+    from ssl_kvasir.run.tracking import wandb_mode
 
     wandb = import_optional("wandb", "pip install wandb")
     out.mkdir(parents=True, exist_ok=True)

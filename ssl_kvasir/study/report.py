@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_kvasir.baselines import PAPER_TABLE3, BaselineResult
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassInfo
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.names import METRIC_LABELS, budget_id
-from ssl_kvasir.results import find_results_files, is_number, read_results, results_error
+from ssl_kvasir.study.baselines import PAPER_TABLE3, BaselineResult
+from ssl_kvasir.study.results import find_results_files, is_number, read_results, results_error
 
 TABLE_METRICS = (
     "macro_precision",
@@ -448,7 +448,7 @@ def system_rows(systems: Iterable[SystemSummary]) -> list[TableRow]:
 
 
 def baseline_rows(baselines: Iterable[BaselineResult]) -> list[TableRow]:
-    """Table rows for the split-file baselines of :func:`ssl_kvasir.baselines.split_file_baselines`."""
+    """Table rows for the split-file baselines of :func:`ssl_kvasir.study.baselines.split_file_baselines`."""
     rows = []
     for b in baselines:
         note = "computed from the split file"
@@ -561,10 +561,10 @@ def write_report(
     Raises:
         DataError: naming the file, for a missing or malformed results file or split file.
     """
-    from ssl_kvasir.baselines import split_file_baselines
     from ssl_kvasir.data.classes import ClassTable
-    from ssl_kvasir.io import atomic_write_text
+    from ssl_kvasir.files import atomic_write_text
     from ssl_kvasir.metrics import plot_confusion_matrix
+    from ssl_kvasir.study.baselines import split_file_baselines
 
     out_dir = Path(out_dir)
     runs = [load_result(p) for p in find_results_files(run_paths)]

@@ -158,7 +158,7 @@ def test_a_requeued_point_exits_as_submitit_expects(tmp_path: Path, monkeypatch:
     """In a sweep job, a requeued fit ends the process with SystemExit(-1), as submitit's own handler does: not
     an Exception, so submitit writes no (failed) result for a job that is not over."""
     import ssl_kvasir.run.train as train
-    from ssl_kvasir.sweeps import run_point
+    from ssl_kvasir.study.sweeps import run_point
 
     def preempted(cfg):
         raise Requeued("SIGUSR2", 6, "4242")

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_kvasir.io import atomic_write_json
-from ssl_kvasir.results import RESULTS_NAME
+from ssl_kvasir.files import atomic_write_json
+from ssl_kvasir.study.results import RESULTS_NAME
 
 MARKER = "job.json"
 MANIFEST = "sweep_points.json"

@@ -7,7 +7,7 @@ local executor) imports it, and with it the resolvers, before its config is comp
 
 Launching. Before anything is started, every point of the grid is looked up (:func:`plan`): a point whose
 ``results.json`` exists is skipped, and so is one that a live job already holds (its ``job.json`` marker,
-``ssl_kvasir.status``), so running ``make pretrain`` again while a sweep is queued or running submits only
+``ssl_kvasir.study.status``), so running ``make pretrain`` again while a sweep is queued or running submits only
 what is missing or failed. The local launcher starts each point as its own process group,
 ``python experiments/sweep.py <the point's overrides> hydra.mode=RUN`` (:func:`run_local`): when that fit
 spreads over several GPUs, Lightning's DDP launcher starts the other ranks by re-running that command, i.e.
@@ -34,8 +34,8 @@ from ssl_kvasir.config import validate
 from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import ConfigError, SslKvasirError
 from ssl_kvasir.names import backbone_id, budget_id
-from ssl_kvasir.results import RESULTS_NAME
-from ssl_kvasir.status import (
+from ssl_kvasir.study.results import RESULTS_NAME
+from ssl_kvasir.study.status import (
     POINT_LOG,
     add_to_manifest,
     clear_marker,

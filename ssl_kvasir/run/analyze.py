@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from ssl_kvasir.config import require
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.io import atomic_write_json, atomic_write_text
+from ssl_kvasir.files import atomic_write_json, atomic_write_text
 from ssl_kvasir.run.checkpoint import load_method, require_same_classes
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
 from ssl_kvasir.run.predict import Predictor
@@ -336,7 +336,7 @@ def analyze(cfg: DictConfig) -> Analysis:
     """Embeddings, kNN, UMAP + clusters, composition, plots and the pseudo-label export, in one go."""
     from ssl_kvasir.analysis.cluster import cluster_purity
     from ssl_kvasir.analysis.plots import plot_knn_confusion, plot_umap
-    from ssl_kvasir.tracking import log_analysis
+    from ssl_kvasir.run.tracking import log_analysis
 
     module, exp = load_checkpoint_and_data(cfg)
     classes = exp.catalog.classes

@@ -242,7 +242,7 @@ def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
 def test_killed_fit_resumes_to_the_same_priors_and_results(synth_archive, tmp_path, name):
     """The priors' running sums live in the checkpoint and are folded in at epoch starts: a fit killed after its
     first checkpoint and started again ends with the weights, priors and metrics of an uninterrupted one."""
-    import test_resume as resume
+    import helpers as resume
 
     args = [f"method={name}", *EAGER[name]]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import wandb_records
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import InterpolationResolutionError
 
 from ssl_kvasir.errors import ConfigError
-from ssl_kvasir.sweeps import match_launcher
+from ssl_kvasir.study.sweeps import match_launcher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = [
     "method=supervised",
@@ -233,31 +234,6 @@ def test_make_pretrain_slurm_writes_the_sbatch_script(synth_archive: Path, tmp_p
     ):
         assert line in script.splitlines(), f"{line!r} not in\n{script}"
     assert "srun" in script and "submitit" in script
-
-
-def wandb_records(run: Path) -> list:
-    """The records of an offline W&B run (``offline-run-*/run-*.wandb``: a LevelDB-style log of protobuf
-    records in 32 KiB blocks after a 7-byte header), read without W&B's service."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = next(run.glob("run-*.wandb")).read_bytes()
-    out, pos, pending = [], 7, b""
-    while pos + 7 <= len(raw):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
-        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        pending = data if kind in (1, 2) else pending + data  # FULL, FIRST | MIDDLE, LAST
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            out.append(record)
-    return out
 
 
 @pytest.mark.slow

@@ -1,0 +1,101 @@
+"""Helpers that several test modules share: a run killed and resumed through the real CLI, and the records of an
+offline W&B run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# FixMatch uses the most randomness of the methods (two augmented views, an unlabeled stream, an EMA).
+FIT_ARGS = [
+    "method=fixmatch",
+    "trainer.max_steps=8",
+    "data.steps_per_epoch=2",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.mu=2",
+    "backbone.name=test_resnet",
+    "logger=csv",
+    "trainer.progress_bar=false",
+    "seed=3",
+    # One validation image per class of the small archive, so that checkpoints are chosen on val/mcc as in a real run.
+    "data.val_fraction=0.34",
+]
+TOTAL_STEPS = 8
+# One torch thread per process: tiny convolutions gain nothing from more, and on shared cores they spin.
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def fit_command(archive: Path, out: Path, workers: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ssl_kvasir.cli",
+        "fit",
+        f"data.root={archive}",
+        f"data.split_file={archive / '2_fold_split.csv'}",
+        f"output_dir={out}",
+        f"data.num_workers={workers}",
+        *FIT_ARGS,
+    ]
+
+
+def run_to_end(cmd: list[str], log: Path) -> None:
+    with log.open("ab") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=300, env=ENV)
+
+
+def kill_after_first_checkpoint(cmd: list[str], out: Path, log: Path) -> int:
+    """Start ``cmd``, SIGKILL it as soon as ``checkpoints/last.ckpt`` appears; return the checkpoint's step."""
+    last = out / "checkpoints" / "last.ckpt"
+    with log.open("ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
+        try:
+            deadline = time.monotonic() + 300
+            while not last.exists():
+                assert proc.poll() is None, f"the fit ended before its first checkpoint:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.01)
+            # The whole session: with num_workers=0 it is one process, but a worker would die with it too.
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    # Lightning writes the checkpoint to a temporary file and renames it, so what exists is complete.
+    return int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def wandb_records(run: Path) -> list:
+    """The records of an offline W&B run (``offline-run-*/run-*.wandb``: a LevelDB-style log of protobuf
+    records in 32 KiB blocks after a 7-byte header), read without W&B's service."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(run.glob("run-*.wandb")).read_bytes()
+    out, pos, pending = [], 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = data if kind in (1, 2) else pending + data  # FULL, FIRST | MIDDLE, LAST
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
