@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -95,14 +96,67 @@ def _holder_alive(holder: dict) -> bool | None:
     return started is None or _process_start(pid) in (None, started)
 
 
-def _read_holder(path: Path) -> dict | None:
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+
+
+def _parse_holder(raw: bytes) -> dict:
+    """The holder a lock file names; ``{}`` (a holder that cannot be checked) when it is not readable."""
+    try:
+        holder = json.loads(raw.decode("utf-8"))
+    except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def _read_holder(path: Path) -> dict | None:
+    raw = _read_bytes(path)
+    return None if raw is None else _parse_holder(raw)
+
+
+# A takeover takes microseconds; a claim this old was left by a process killed in the middle of one.
+ABANDONED_CLAIM_S = 30.0
+
+
+def _remove_stale(path: Path, stale: bytes) -> bool:
+    """Remove the lock file ``path`` if it still holds the bytes ``stale``; whether this call removed it.
+
+    Contenders that found the same stale lock must not each remove "the" lock: the second would remove the
+    first one's new lock, and both would hold it. So the removal is claimed first, by creating a claim file
+    named after the stale lock's bytes (create-exclusive: one contender wins). The winner checks that the
+    lock still holds those bytes (every lock's are unique), removes it, then drops the claim; a contender that
+    comes later finds other bytes, or no lock, and removes nothing. A claim is never broken, since breaking
+    one could let two in: a claim older than :data:`ABANDONED_CLAIM_S` is refused, naming what to delete.
+
+    Raises:
+        FolderLocked: when an abandoned claim blocks the takeover.
+    """
+    claim = path.with_name(f"{path.name}.{hashlib.sha256(stale).hexdigest()[:16]}.takeover")
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            age = time.time() - claim.stat().st_mtime
+        except FileNotFoundError:
+            return False  # its owner just finished
+        if age > ABANDONED_CLAIM_S:
+            raise FolderLocked(
+                f"{path.parent}: a takeover of its stale lock was left unfinished {age:.0f} s ago; "
+                f"if no process uses the folder, delete {path} and {claim}"
+            ) from None
+        time.sleep(0.01)  # another contender is removing it
+        return False
+    os.close(fd)
+    try:
+        if _read_bytes(path) != stale:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.unlink(claim)
 
 
 def _describe(holder: dict) -> str:
@@ -114,12 +168,13 @@ def _describe(holder: dict) -> str:
 def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold ``folder/.lock`` while the body runs: a second process that asks for it is refused.
 
-    The lock file names its holder (host, pid, the pid's start time, SLURM job, ``what``, since when). It is
-    created complete in one step (written to a temporary file, then hard-linked into place, which fails when
-    a lock exists). A lock whose holder is gone is stale: one left on this host by a process that no longer
-    runs, or one left by an earlier run of this SLURM job (a requeued job keeps its job id and may land on
-    another node). A stale lock is taken over with a warning; a lock held from another host by another job
-    cannot be checked and is refused, with how to remove it.
+    The lock file names its holder (host, pid, the pid's start time, SLURM job, ``what``, since when, and a
+    random token that makes each lock's bytes unique). It is created complete in one step (written to a
+    temporary file, then hard-linked into place, which fails when a lock exists). A lock whose holder is gone
+    is stale: one left on this host by a process that no longer runs, or one left by an earlier run of this
+    SLURM job (a requeued job keeps its job id and may land on another node). A stale lock is taken over with
+    a warning (:func:`_remove_stale`: one process at a time removes it, so two contenders never both take it);
+    a lock held from another host by another job cannot be checked and is refused, with how to remove it.
 
     Args:
         folder: the folder to lock (created when missing).
@@ -138,6 +193,7 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         "started": _process_start(os.getpid()),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "token": os.urandom(8).hex(),
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,17 +209,19 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 break
             except FileExistsError:
                 pass
-            holder = _read_holder(path)
-            if holder is None:
+            raw = _read_bytes(path)
+            if raw is None:
                 continue  # released between our link and our read: try again
+            holder = _parse_holder(raw)
             alive = _holder_alive(holder)
             same_job = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
             if alive or (alive is None and not same_job):
                 where = "" if alive else "; if that process is gone, delete the lock file"
                 raise FolderLocked(f"{folder} is in use by {_describe(holder)}: lock file {path}{where}")
-            log.warning("taking over the stale lock %s of %s, which no longer runs", path, _describe(holder))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if _remove_stale(path, raw):
+                log.warning(
+                    "taking over the stale lock %s of %s, which no longer runs", path, _describe(holder)
+                )
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -174,3 +232,12 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         if _read_holder(path) == me:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file's bytes (read in blocks: a checkpoint of a few GB never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
