@@ -1,6 +1,6 @@
 """Pseudo-label tables: building, selecting, writing and reading them, and the authors' prediction files.
 
-Two file formats:
+Three file formats:
 
 - **ssl_kvasir**: a CSV with the columns :data:`PSEUDO_LABEL_COLUMNS`, one row per image. This is what
   ``ssl-kvasir export-pseudo-labels`` writes and what the self-training method reads back as its
@@ -9,6 +9,8 @@ Two file formats:
 - **authors**: the format of the HyperKvasir authors' predictions on the unlabeled images (Borgli et al.
   2020): ``filename,predicted-label,A,B,...,W``; the bare file name, the predicted class index in the paper's
   order (= :data:`HYPERKVASIR_CLASSES`), and one probability per class with 3 decimals.
+- **label-studio**: Label Studio's task JSON (written with its labelling config) and its JSON export (read
+  back; a submitted annotation overrides the prediction): :mod:`ssl_kvasir.pseudo_labels.label_studio`.
 
 Writers stream their rows in chunks into an atomic temporary file: the memory they add is one chunk of
 text, and a failure halfway leaves the previous file (or none), never half of one.
@@ -27,6 +29,7 @@ import pandas as pd
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.files import atomic_write
+from ssl_kvasir.pseudo_labels import label_studio
 from ssl_kvasir.pseudo_labels.selection import select_pseudo_labels as select
 
 PSEUDO_LABEL_COLUMNS = [
@@ -351,15 +354,19 @@ def write_pseudo_labels(
     format: str = "ssl_kvasir",
     probs: np.ndarray | None = None,
     classes: ClassTable = HYPERKVASIR_CLASSES,
+    image_prefix: str = label_studio.LOCAL_FILES_PREFIX,
 ) -> Path:
     """Write a pseudo-label table atomically, chunk by chunk.
 
     Args:
         df: a table with the columns :data:`PSEUDO_LABEL_COLUMNS`.
-        path: the CSV to write.
-        format: ``ssl_kvasir`` (every column) or ``authors`` (the authors' prediction-file format).
+        path: the file to write.
+        format: ``ssl_kvasir`` (every column), ``authors`` (the authors' prediction-file format) or
+            ``label-studio`` (Label Studio tasks, and ``<stem>.label_config.xml`` beside them).
         probs: ``(len(df), C)`` probabilities, one row per row of ``df``; required by ``authors``.
-        classes: the class table (``authors`` only).
+        classes: the class table (``authors`` and ``label-studio``).
+        image_prefix: ``label-studio`` only: what comes before each image's path in its URL
+            (:func:`ssl_kvasir.pseudo_labels.label_studio.write_tasks`).
 
     Returns:
         ``path``.
@@ -383,8 +390,12 @@ def write_pseudo_labels(
                 df.iloc[start : start + CHUNK_ROWS].to_csv(
                     f, index=False, header=start == 0, lineterminator="\n"
                 )
+    elif format == "label-studio":
+        label_studio.write_tasks(df, path, image_prefix=image_prefix, classes=classes)
     else:
-        raise ConfigError(f"unknown pseudo-label format {format!r}; valid formats: ssl_kvasir, authors")
+        raise ConfigError(
+            f"unknown pseudo-label format {format!r}; valid formats: ssl_kvasir, authors, label-studio"
+        )
     return path
 
 
@@ -396,10 +407,12 @@ def _first_bad(path: Path, bad: np.ndarray, column: str, values: pd.Series, why:
 
 
 def read_pseudo_labels(path: str | os.PathLike, classes: ClassTable = HYPERKVASIR_CLASSES) -> pd.DataFrame:
-    """Read a pseudo-label file: the ssl_kvasir format, or the authors' format (recognised by its header).
+    """Read a pseudo-label file: the ssl_kvasir format, the authors' format (recognised by its header) or
+    Label Studio's JSON export (recognised by its opening bracket).
 
     An authors' file becomes a table through :func:`build_pseudo_label_table` with their predicted labels,
-    ``path`` = ``filename`` and ``checkpoint`` = the file's path.
+    ``path`` = ``filename`` and ``checkpoint`` = the file's path. A Label Studio export becomes one row per task
+    that has a class (:func:`_label_studio_table`).
 
     Returns:
         a frame with the columns :data:`PSEUDO_LABEL_COLUMNS` and the types :func:`build_pseudo_label_table`
@@ -415,6 +428,8 @@ def read_pseudo_labels(path: str | os.PathLike, classes: ClassTable = HYPERKVASI
         raise DataError(f"pseudo-label file {path} does not exist")
     with path.open(encoding="utf-8-sig") as f:
         first = f.readline()
+    if first.lstrip().startswith(("[", "{")):
+        return _label_studio_table(label_studio.read_export(path, classes), classes)
     if first.startswith(",".join(AUTHORS_FIRST_COLUMNS)):
         authors = read_authors_predictions(path, classes)
         return build_pseudo_label_table(
@@ -501,5 +516,36 @@ def read_pseudo_labels(path: str | os.PathLike, classes: ClassTable = HYPERKVASI
             "cluster": pd.array(cluster, dtype="Int64"),
             "outlier_score": numbers["outlier_score"],
             "checkpoint": raw.checkpoint,
+        }
+    )
+
+
+def _label_studio_table(tasks: label_studio.ReviewedTasks, classes: ClassTable) -> pd.DataFrame:
+    """The pseudo-label table of a Label Studio export: a class a person chose has confidence and margin 1 and
+    entropy 0 (a one-hot label) and ``checkpoint`` = :data:`~ssl_kvasir.pseudo_labels.label_studio.ANNOTATION_SOURCE`;
+    a prediction left as it was keeps its score as the confidence and the margin and entropy of its task."""
+    names = np.asarray(classes.names, dtype=object)
+    knn_names = np.asarray(classes.names + [""], dtype=object)  # position C: no kNN class
+    has_knn = tasks.knn_labels >= 0
+    return pd.DataFrame(
+        {
+            "filename": [_bare_name(p) for p in tasks.paths],
+            "path": tasks.paths,
+            "predicted_class": names[tasks.labels],
+            "paper_index": tasks.labels,
+            "confidence": tasks.confidence,
+            "margin": tasks.margin,
+            "entropy": tasks.entropy,
+            "knn_class": knn_names[np.where(has_knn, tasks.knn_labels, len(classes))],
+            "knn_agrees": pd.array(
+                [
+                    bool(a) if k else pd.NA
+                    for a, k in zip(tasks.knn_labels == tasks.labels, has_knn, strict=True)
+                ],
+                dtype="boolean",
+            ),
+            "cluster": pd.array(tasks.clusters, dtype="Float64").astype("Int64"),
+            "outlier_score": tasks.outlier_scores,
+            "checkpoint": tasks.sources,
         }
     )

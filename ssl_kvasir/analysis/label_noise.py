@@ -1,0 +1,105 @@
+"""Suspect labels in the labeled set: out-of-fold probabilities and cleanlab's confident learning.
+
+Confident learning (Northcutt et al. 2021, "Confident Learning: Estimating Uncertainty in Dataset Labels")
+needs, for every labeled image, class probabilities from a model that did not train on that image: "we
+obtain out-of-sample predicted probabilities via cross-validation". Here the model is a multinomial logistic
+regression on the checkpoint's frozen embeddings, trained k times, once per fold of a stratified k-fold split
+of the labeled images given; cleanlab's ``find_label_issues`` then ranks the images whose given label the
+out-of-fold probabilities contradict. A linear head on fixed features, rather than k trainings of the whole
+network, keeps k-fold training to seconds; the price is that the features themselves come from a network
+that may have seen these labels (with a small label budget it saw few of them).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from ssl_kvasir.analysis._optional import import_optional
+from ssl_kvasir.errors import ConfigError, DataError
+
+
+def out_of_fold_probs(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    regularization: float = 1.0,
+) -> np.ndarray:
+    """Class probabilities of every image from a logistic regression trained on the other folds.
+
+    Args:
+        features: ``(N, D)`` embeddings (L2-normalised here, as the kNN uses them).
+        labels: ``(N,)`` given class indices in ``0..num_classes - 1``.
+        num_classes: C.
+        folds: k of the stratified k-fold split (a class with fewer than k images lands in fewer folds).
+        seed: seed of the fold assignment.
+        regularization: inverse L2 strength ``C`` of scikit-learn's ``LogisticRegression``.
+
+    Returns:
+        ``(N, C)`` float64 probabilities; the columns of classes a fold's training part lacks are 0.
+
+    Raises:
+        ConfigError: for fewer than 2 folds.
+        DataError: for mismatched lengths or labels outside ``0..C-1``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from ssl_kvasir.analysis.knn import l2_normalize
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if folds < 2:
+        raise ConfigError(f"label issues need at least 2 folds, got {folds}")
+    if len(features) != len(labels) or labels.ndim != 1:
+        raise DataError(f"{len(features)} feature rows for {len(labels)} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"labels must lie in 0..{num_classes - 1}")
+    x = l2_normalize(features)  # (N, D)
+    probs = np.zeros((len(labels), num_classes))  # (N, C)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only m members": such a class is simply in fewer folds.
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for train, held_out in split.split(x, labels):
+            head = LogisticRegression(C=regularization, max_iter=1000)
+            head.fit(x[train], labels[train])
+            probs[np.ix_(held_out, head.classes_)] = head.predict_proba(x[held_out])  # (n_out, C_seen)
+    return probs
+
+
+def rank_label_issues(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """The labels cleanlab's ``find_label_issues`` flags, worst first.
+
+    Args:
+        labels: ``(N,)`` given class indices.
+        probs: ``(N, C)`` out-of-fold probabilities (:func:`out_of_fold_probs`).
+
+    Returns:
+        one row per flagged image, most likely mislabeled first (cleanlab's ranking by self-confidence, the
+        out-of-fold probability of the given label): ``position`` (row of ``labels``), ``given``,
+        ``suggested`` (the most probable class), ``label_quality`` (the given label's probability).
+    """
+    cleanlab_filter = import_optional("cleanlab.filter", "pip install cleanlab")
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(labels), probs.shape[1] if probs.ndim == 2 else -1):
+        raise DataError(f"probabilities {probs.shape} do not match {len(labels)} labels")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="cleanlab")
+        ranked = cleanlab_filter.find_label_issues(
+            labels=labels, pred_probs=probs, return_indices_ranked_by="self_confidence"
+        )
+    ranked = np.asarray(ranked, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "position": ranked,
+            "given": labels[ranked],
+            "suggested": probs[ranked].argmax(axis=1),
+            "label_quality": probs[ranked, labels[ranked]],
+        }
+    )
