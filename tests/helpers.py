@@ -1,5 +1,5 @@
-"""Helpers that several test modules share: a run killed and resumed through the real CLI, and the records of an
-offline W&B run."""
+"""Helpers that several test modules share: the overrides of a tiny run, a run killed and resumed through the real
+CLI, and the records of an offline W&B run."""
 
 from __future__ import annotations
 
@@ -12,21 +12,43 @@ from pathlib import Path
 
 import torch
 
+# A run small enough for a test: a test-sized ResNet at 32 px, a few steps on the CPU, a CSV log instead of W&B.
+TINY = {
+    "backbone": "test_resnet",
+    "data.image_size": "32",
+    "data.batch_size": "8",
+    "data.mu": "2",
+    "data.num_workers": "0",
+    "data.steps_per_epoch": "2",
+    "trainer.max_steps": "4",
+    "trainer.accelerator": "cpu",
+    "trainer.progress_bar": "false",
+    "logger": "csv",
+}
+
+
+def tiny(*overrides: str) -> list[str]:
+    """The tiny run's overrides (``key=value``), each of ``overrides`` replacing the key it names or adding it.
+
+    Example: ``tiny("method=fixmatch", "trainer.max_steps=8")``.
+    """
+    merged = dict(TINY)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        assert sep, f"not a key=value override: {override!r}"
+        merged[key] = value
+    return [f"{key}={value}" for key, value in merged.items()]
+
+
 # FixMatch uses the most randomness of the methods (two augmented views, an unlabeled stream, an EMA).
-FIT_ARGS = [
+FIT_ARGS = tiny(
     "method=fixmatch",
     "trainer.max_steps=8",
-    "data.steps_per_epoch=2",
-    "data.image_size=32",
     "data.batch_size=4",
-    "data.mu=2",
-    "backbone.name=test_resnet",
-    "logger=csv",
-    "trainer.progress_bar=false",
     "seed=3",
     # One validation image per class of the small archive, so that checkpoints are chosen on val/mcc as in a real run.
     "data.val_fraction=0.34",
-]
+)
 TOTAL_STEPS = 8
 # One torch thread per process: tiny convolutions gain nothing from more, and on shared cores they spin.
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -41,8 +63,7 @@ def fit_command(archive: Path, out: Path, workers: int = 0) -> list[str]:
         f"data.root={archive}",
         f"data.split_file={archive / '2_fold_split.csv'}",
         f"output_dir={out}",
-        f"data.num_workers={workers}",
-        *FIT_ARGS,
+        *tiny(*FIT_ARGS, f"data.num_workers={workers}"),
     ]
 
 

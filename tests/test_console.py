@@ -10,19 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import tiny
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-TINY = [
-    "backbone.name=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.steps_per_epoch=2",
-    "trainer.max_steps=6",
-]
+# The console as a user sees it: the progress bar's setting left on (the output is not a terminal).
+TINY = ("trainer.max_steps=6", "trainer.progress_bar=true")
 
 
 def _repeated(text: str) -> list[str]:
@@ -44,7 +39,7 @@ def test_fit_prints_each_message_once_and_one_line_per_epoch(synth_archive: Path
         "fit",
         f"output_dir={tmp_path / 'run'}",
         *data,
-        *TINY,
+        *tiny(*TINY, "logger=wandb"),
     ]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,14 +52,7 @@ def test_fit_prints_each_message_once_and_one_line_per_epoch(synth_archive: Path
 
 def test_a_sweep_point_logs_each_message_once(synth_archive: Path, tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    args = [
-        "method=supervised",
-        "backbone=test_resnet",
-        "data.fold=1",
-        "data.label_fraction=1.0",
-        "logger=csv",
-        *TINY,
-    ]
+    args = tiny(*TINY, "method=supervised", "data.fold=1", "data.label_fraction=1.0")
     bin_dir = Path(sys.executable).parent
     make = ["make", "-s", f"BIN={bin_dir}", "-o", f"{bin_dir}/ssl-kvasir", "pretrain"]
     cmd = [*make, f"DATA={synth_archive}", f"OUT={root}", "ARGS=" + " ".join(args)]

@@ -13,23 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-TINY = [
-    "backbone=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=4",
-    "data.mu=2",
-    "data.num_workers=0",
-    "data.steps_per_epoch=2",
-    "trainer.max_steps=4",
-    "trainer.accelerator=cpu",
-    "trainer.progress_bar=false",
-    "logger=csv",
-]
+TINY = tiny("data.batch_size=4")
 SHARED = ("optimizer", "lr", "schedule", "weight_decay", "ema_decay", "eval_weights")
 # One class with 1,000 images among 22 with 2: at 1 % the big class's budget is 5 (one of them validates),
 # every other class keeps its single image for training.

@@ -20,22 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.data.synth import make_synthetic_archive
 from ssl_kvasir.files import LOCK_FILE, FolderLocked, _process_start, hold_lock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-TINY = [
-    "trainer.max_steps={steps}",
-    "data.steps_per_epoch=1",
-    "data.image_size=32",
-    "data.batch_size=4",
-    "data.mu=1",
-    "data.num_workers=0",
-    "backbone.name=test_resnet",
-    "logger=csv",
-    "trainer.progress_bar=false",
-]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,6 @@ def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fit_args(archive: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
-    tiny = [a.format(steps=steps) for a in TINY]
     return [
         sys.executable,
         "-m",
@@ -55,8 +44,9 @@ def fit_args(archive: Path, out: Path, *extra: str, steps: int = 2) -> list[str]
         f"data.root={archive}",
         f"data.split_file={archive / '2_fold_split.csv'}",
         f"output_dir={out}",
-        *tiny,
-        *extra,
+        *tiny(
+            f"trainer.max_steps={steps}", "data.steps_per_epoch=1", "data.batch_size=4", "data.mu=1", *extra
+        ),
     ]
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny
 from omegaconf import open_dict
 from torch import nn
 
@@ -18,22 +19,10 @@ from ssl_kvasir.run.train import fit
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "trainer.max_steps=4",
-    "data.steps_per_epoch=2",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.mu=2",
-    "data.num_workers=0",
-    "backbone.name=test_resnet",
-    "logger=csv",
-    "trainer.progress_bar=false",
-]
-
 
 def _cfg(archive, out, method: str, *extra: str):
     data = [f"data.root={archive}", f"data.split_file={archive / '2_fold_split.csv'}"]
-    return compose("fit", [f"method={method}", f"output_dir={out}", *data, *TINY, *extra])
+    return compose("fit", [f"output_dir={out}", *data, *tiny(f"method={method}", *extra)])
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

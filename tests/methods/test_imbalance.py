@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 from ssl_kvasir.methods import METHODS
@@ -173,18 +174,7 @@ def test_priors_are_state_that_a_checkpoint_restores(name, tmp_path):
     assert fresh.unlabeled_prior == pytest.approx({"a": 0.5, "b": 0.2, "c": 0.1, "d": 0.1, "e": 0.1})
 
 
-TINY = [
-    "trainer.max_steps=6",
-    "data.steps_per_epoch=2",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.mu=2",
-    "data.num_workers=0",
-    "data.val_fraction=0.2",
-    "backbone.name=test_resnet",
-    "logger=csv",
-    "trainer.progress_bar=false",
-]
+TINY = tiny("trainer.max_steps=6", "data.val_fraction=0.2")
 # Every pseudo-label counts (ACR: from the second epoch on), so that the priors move within a few steps.
 EAGER = {"acr": ["method.threshold=0.0", "method.est_epoch=0"], "simpro": ["method.threshold=0.0"]}
 
@@ -246,15 +236,13 @@ def test_killed_fit_resumes_to_the_same_priors_and_results(synth_archive, tmp_pa
 
     args = [f"method={name}", *EAGER[name]]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    base = [a for a in resume.FIT_ARGS if not a.startswith("method=")]
 
     def command(out):
         return [
             *resume.fit_command(synth_archive, out)[:4],
             *_data(synth_archive),
             f"output_dir={out}",
-            *base,
-            *args,
+            *tiny(*resume.FIT_ARGS, *args),
         ]
 
     resume.run_to_end(command(straight), tmp_path / "straight.log")

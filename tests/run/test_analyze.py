@@ -9,31 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
 pytestmark = pytest.mark.slow
-
-TINY = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def trained(synth_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    args = [
-        "fit",
-        f"output_dir={out}",
-        "backbone.name=test_resnet",
-        "logger=csv",
-        "trainer.max_steps=4",
-        "data.steps_per_epoch=2",
-        "trainer.progress_bar=false",
-        *data,
-        *TINY,
-    ]
-    assert main(args) == 0
-    return json.loads((out / "results.json").read_text()), data
+    assert main(["fit", f"output_dir={out}", *data, *tiny()]) == 0
+    results = json.loads((out / "results.json").read_text())
+    results["checkpoint"] = str(out / results["checkpoint"])  # results.json names it relative to the run
+    return results, data
 
 
 def _analysis_args(trained, out, *extra):
@@ -153,3 +143,58 @@ def test_bad_analysis_requests(trained, tmp_path, capsys):
     assert code == 2
     assert str(blocker / "pl.csv") in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def _shift_classes(checkpoint: Path) -> None:
+    """Overwrite ``checkpoint`` in place with a model whose class scores are rolled by one: every weight and
+    bias of a 23-class output layer (the model's and the EMA's), so each prediction becomes the next class."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    rolled = 0
+    for key, value in state["state_dict"].items():
+        if value.shape[:1] == (23,) and value.ndim in (1, 2) and value.is_floating_point():
+            state["state_dict"][key] = torch.roll(value, 1, dims=0)
+            rolled += 1
+    assert rolled >= 2  # at least one weight and its bias
+    torch.save(state, checkpoint)
+
+
+def test_an_overwritten_checkpoint_is_embedded_again(trained, tmp_path, capsys):
+    """The store is keyed by the checkpoint's content: the same path with other bytes is computed again (it
+    used to say "reusing the embeddings" and export the old model's classes); an embeddings=DIR of another
+    checkpoint is refused."""
+    from ssl_kvasir.files import file_sha256
+
+    results, data = trained
+    checkpoint = tmp_path / "model.ckpt"
+    shutil.copy(results["checkpoint"], checkpoint)
+    out = tmp_path / "export"
+    args = [
+        f"checkpoint={checkpoint}",
+        f"output_dir={out}",
+        *data,
+        "data.num_workers=0",
+        "cluster.enabled=false",
+        "format=authors",
+    ]
+    assert main(["export-pseudo-labels", *args]) == 0
+    before = pd.read_csv(out / "pseudo_labels.csv")["predicted-label"].to_numpy()
+    old_store = tmp_path / "old_store"
+    shutil.copytree(out / "embeddings", old_store)
+
+    _shift_classes(checkpoint)
+    capsys.readouterr()
+    assert main(["export-pseudo-labels", *args]) == 0
+    assert "computing them again" in capsys.readouterr().err
+    after = pd.read_csv(out / "pseudo_labels.csv")["predicted-label"].to_numpy()
+    assert (after == (before + 1) % 23).all()
+    manifest = json.loads((out / "embeddings" / "embeddings.json").read_text())
+    assert manifest["checkpoint_sha256"] == file_sha256(checkpoint)
+    # Run again: now the store is the checkpoint's own and is reused.
+    assert main(["export-pseudo-labels", *args]) == 0
+    assert "reusing the embeddings" in capsys.readouterr().err
+
+    assert main(["export-pseudo-labels", *args, f"embeddings={old_store}"]) == 2
+    err = capsys.readouterr().err
+    assert f"embeddings={old_store} holds the embeddings of another checkpoint" in err

@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
 pytestmark = pytest.mark.slow
-
-TINY = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
 
 
 def test_evaluate_embed_and_self_training_predict_alike(synth_archive, tmp_path):
@@ -24,8 +23,7 @@ def test_evaluate_embed_and_self_training_predict_alike(synth_archive, tmp_path)
     from ssl_kvasir.run.train import StageRunner
 
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    fit_args = ["backbone.name=test_resnet", "logger=csv", "trainer.max_steps=4", "data.steps_per_epoch=2"]
-    fit_args += ["trainer.progress_bar=false", "method=fixmatch", "data.mu=2", *data, *TINY]
+    fit_args = [*data, *tiny("method=fixmatch")]
     assert main(["fit", f"output_dir={tmp_path / 'run'}", *fit_args]) == 0
     ckpt = json.loads((tmp_path / "run" / "results.json").read_text())["checkpoint"]
 

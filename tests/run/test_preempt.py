@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny
 
 from ssl_kvasir.config import compose
 from ssl_kvasir.methods.fixmatch import FixMatch
-from ssl_kvasir.run.preempt import Requeued
+from ssl_kvasir.run.guard import Requeued
 from ssl_kvasir.run.train import fit
 
 STEPS_PER_EPOCH = 4
@@ -27,19 +28,15 @@ def overrides(archive: Path, out: Path) -> list[str]:
         f"data.root={archive}",
         f"data.split_file={archive / '2_fold_split.csv'}",
         f"output_dir={out}",
-        "method=fixmatch",
-        "backbone.name=test_resnet",
-        "data.image_size=32",
-        "data.batch_size=4",
-        "data.mu=2",
-        "data.num_workers=0",
-        f"data.steps_per_epoch={STEPS_PER_EPOCH}",
-        "trainer.max_steps=12",
-        "trainer.accelerator=cpu",
-        "trainer.progress_bar=false",
-        "data.val_fraction=0.34",
-        "seed=3",
-        "logger=wandb",
+        *tiny(
+            "method=fixmatch",
+            "data.batch_size=4",
+            f"data.steps_per_epoch={STEPS_PER_EPOCH}",
+            "trainer.max_steps=12",
+            "data.val_fraction=0.34",
+            "seed=3",
+            "logger=wandb",
+        ),
     ]
 
 

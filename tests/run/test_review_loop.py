@@ -9,21 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "backbone.name=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.steps_per_epoch=2",
-    "trainer.max_steps=4",
-    "trainer.progress_bar=false",
-    "logger=csv",
-]
 
 
 def _review(exported: Path, reviewed: Path, keep: int = 4) -> tuple[str, int]:
@@ -47,7 +37,7 @@ def test_reviewed_label_survives_into_round_two(synth_archive, tmp_path, monkeyp
 
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
     teacher = tmp_path / "teacher"
-    assert main(["fit", "method=supervised", f"output_dir={teacher}", *data, *TINY]) == 0
+    assert main(["fit", "method=supervised", f"output_dir={teacher}", *data, *tiny()]) == 0
     checkpoint = json.loads((teacher / "results.json").read_text())["checkpoint"]
     exported = tmp_path / "export" / "authors.csv"
     args = [f"checkpoint={checkpoint}", f"output={exported}", "format=authors", "data.num_workers=0", *data]
@@ -73,7 +63,7 @@ def test_reviewed_label_survives_into_round_two(synth_archive, tmp_path, monkeyp
         "method.pseudo.threshold=0.0",  # the teacher labels some of the pool in every round of a tiny run
         f"output_dir={out}",
         *data,
-        *TINY,
+        *tiny(),
     ]
     assert main(st) == 0
     results = json.loads((out / "results.json").read_text())

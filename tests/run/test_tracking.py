@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny
 
 from ssl_kvasir.config import compose
 from ssl_kvasir.pseudo_labels.masking import ClassAdaptiveThreshold
@@ -55,19 +56,14 @@ def test_fixmatch_logs_pseudo_labels_per_class(synth_archive: Path, tmp_path: Pa
             f"data.root={synth_archive}",
             f"data.split_file={synth_archive / '2_fold_split.csv'}",
             f"output_dir={out}",
-            "method=fixmatch",
-            "method.masking=flexmatch",
-            "backbone.name=test_resnet",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.mu=2",
-            "data.num_workers=0",
-            f"data.steps_per_epoch={steps_per_epoch}",
-            "trainer.max_steps=6",
-            "trainer.accelerator=cpu",
-            "trainer.progress_bar=false",
-            "trainer.log_every_n_steps=1",
-            "logger=csv",
+            *tiny(
+                "method=fixmatch",
+                "method.masking=flexmatch",
+                "data.batch_size=4",
+                f"data.steps_per_epoch={steps_per_epoch}",
+                "trainer.max_steps=6",
+                "trainer.log_every_n_steps=1",
+            ),
         ],
     )
     results = fit(cfg)
@@ -112,11 +108,9 @@ def test_analyze_logs_to_a_wandb_run_of_its_own(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    tiny = ["data.image_size=32", "data.num_workers=0", "data.batch_size=8"]
     run = tmp_path / "fit"
-    fit_args = ["backbone.name=test_resnet", "trainer.max_steps=2", "data.steps_per_epoch=2"]
-    fit_args += ["trainer.progress_bar=false", "logger=wandb", "data.label_fraction=0.5"]
-    assert main(["fit", f"output_dir={run}", *fit_args, *data, *tiny]) == 0
+    fit_args = tiny("trainer.max_steps=2", "logger=wandb", "data.label_fraction=0.5")
+    assert main(["fit", f"output_dir={run}", *fit_args, *data]) == 0
     results = json.loads((run / "results.json").read_text())
     out = tmp_path / "analysis"
     args = [f"checkpoint={results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0"]
@@ -148,9 +142,10 @@ def test_self_training_rounds_are_wandb_runs_with_round_and_job_type(
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "st"
     args = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    args += [f"output_dir={out}", "method=self_training", "method.rounds=1", "backbone.name=test_resnet"]
-    args += ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.steps_per_epoch=2"]
-    args += ["trainer.max_steps=2", "trainer.progress_bar=false", "logger=wandb"]
+    args += [f"output_dir={out}"]
+    args += tiny(
+        "method=self_training", "method.rounds=1", "data.batch_size=4", "trainer.max_steps=2", "logger=wandb"
+    )
     assert main(["fit", *args]) == 0
     seen = []
     for r in range(2):

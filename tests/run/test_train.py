@@ -7,24 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 from ssl_kvasir.metrics import metrics_from_confusion
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "trainer.max_steps=4",
-    "data.steps_per_epoch=2",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.mu=2",
-    "data.num_workers=0",
-    "data.val_fraction=0.2",
-    "backbone.name=test_resnet",
-    "logger=csv",
-    "trainer.progress_bar=false",
-]
+TINY = tiny("data.val_fraction=0.2")
 
 
 def _data(archive) -> list[str]:

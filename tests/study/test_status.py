@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.study.status import MARKER, format_status, point_status, sweep_status, write_marker
 from ssl_kvasir.study.sweeps import Point, plan
@@ -168,9 +169,7 @@ def test_local_sweep_with_wait_0_runs_in_the_background(synth_archive: Path, tmp
     """`make pretrain WAIT=0` (local) returns while its point trains; a second launch meanwhile starts nothing;
     `make status` says done once the background sweep has finished."""
     root = tmp_path / "runs"
-    args = "method=supervised backbone=test_resnet data.label_fraction=1.0 data.fold=1 data.image_size=32 "
-    args += "data.batch_size=4 data.num_workers=0 data.steps_per_epoch=2 trainer.max_steps=4 "
-    args += "trainer.accelerator=cpu trainer.progress_bar=false logger=csv"
+    args = " ".join(tiny("method=supervised", "data.label_fraction=1.0", "data.fold=1", "data.batch_size=4"))
     pretrain = [f"DATA={synth_archive}", f"OUT={root}", "WAIT=0", f"ARGS={args}"]
     done = make("pretrain", ENV, *pretrain)
     assert done.returncode == 0 and "sweep started in the background" in done.stdout, done.stderr

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import timm
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 from ssl_kvasir.config import compose
@@ -41,18 +42,16 @@ def test_paper_system_configs(experiment):
 def test_ensemble_system_trains_through_fit_and_reports(synth_archive, tmp_path):
     # The MLP ensemble's config with two tiny timm models standing in for ResNet-152 and DenseNet-161.
     common = [
-        "experiment=table3_resnet152_densenet161_mlp",
-        "backbone.name=test_resnet+test_efficientnet",
-        "backbone.pretrained=false",
         f"data.root={synth_archive}",
         f"data.split_file={synth_archive / '2_fold_split.csv'}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "data.steps_per_epoch=2",
-        "trainer.max_steps=2",
-        "logger=csv",
-        "trainer.progress_bar=false",
+        *tiny(
+            "experiment=table3_resnet152_densenet161_mlp",
+            # The system's own backbone group (a command-line group choice overrides the experiment's).
+            "backbone=resnet152_densenet161_mlp",
+            "backbone.name=test_resnet+test_efficientnet",
+            "backbone.pretrained=false",
+            "trainer.max_steps=2",
+        ),
     ]
     for fold in (0, 1):
         assert main(["fit", f"data.fold={fold}", f"output_dir={tmp_path / f'fold{fold}'}", *common]) == 0
