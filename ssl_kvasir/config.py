@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ssl_kvasir import names
 from ssl_kvasir.errors import ConfigError
 
 
@@ -218,24 +219,24 @@ RULES: dict[str, Rule] = {
     "backbone.drop_rate": PROBABILITY_OPEN,
     "backbone.drop_path_rate": PROBABILITY_OPEN,
     "backbone.mlp_hidden": COUNT,
-    "method.optimizer": Choice(("sgd", "adamw")),
+    "method.optimizer": Choice(names.OPTIMIZERS),
     "method.lr": Number(0, low_open=True),
     "method.momentum": PROBABILITY_OPEN,
     "method.nesterov": Flag(),
     "method.weight_decay": NON_NEGATIVE,
-    "method.schedule": Choice(("cosine", "constant")),
+    "method.schedule": Choice(names.SCHEDULES),
     "method.warmup_steps": SIZE,
     "method.ema_decay": PROBABILITY_OPEN,
     "method.ema_warmup": Flag(),
-    "method.eval_weights": Choice(("ema", "model")),
-    "method.loss": Choice(("ce", "logit_adjusted")),
+    "method.eval_weights": Choice(names.EVAL_WEIGHTS),
+    "method.loss": Choice(names.LABELED_LOSSES),
     "method.la_tau": NON_NEGATIVE,
     "method.threshold": FRACTION,
     "method.lambda_u": NON_NEGATIVE,
     "method.lambda_pl": NON_NEGATIVE,
-    "method.masking": Choice(("fixed", "flexmatch")),
-    "method.alignment": Choice((None, "labeled", "uniform")),
-    "method.teacher": Choice(("model", "ema")),
+    "method.masking": Choice(names.MASKINGS),
+    "method.alignment": Choice(names.ALIGNMENTS),
+    "method.teacher": Choice(names.TEACHERS),
     "method.rounds": SIZE,
     "method.noise.drop_rate": PROBABILITY_OPEN,
     "method.noise.drop_path_rate": PROBABILITY_OPEN,

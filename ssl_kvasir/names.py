@@ -152,3 +152,23 @@ MASKINGS = ("fixed", "flexmatch", "freematch", "softmatch")
 """``method.masking``: which pseudo-labels count and how much (``ssl_kvasir.pseudo_labels.masking.MASKINGS``)."""
 ALIGNMENTS = (None, "labeled", "uniform")
 """``method.alignment``: distribution alignment of the weak predictions, or none (null)."""
+
+
+# ---- Enumerated choices of the methods ---------------------------------------------------------------------
+# The allowed values of the method settings, spelt once: ``config.RULES`` checks a config against them before
+# torch is imported, and the code that acts on a value imports the same tuple (the registries are keyed by it;
+# tests/test_config.py ties each registry to its tuple).
+OPTIMIZERS = ("sgd", "adamw")
+"""``method.optimizer``: SGD with (Nesterov) momentum, or AdamW."""
+SCHEDULES = ("cosine", "constant")
+"""``method.schedule``: FixMatch's cosine decay, or a constant rate (each after an optional warm-up)."""
+EVAL_WEIGHTS = ("ema", "model")
+"""``method.eval_weights``: the averaged or the live weights predict."""
+LABELED_LOSSES = ("ce", "logit_adjusted")
+"""``method.loss``: cross-entropy, or Menon et al.'s logit-adjusted cross-entropy."""
+TEACHERS = ("model", "ema")
+"""``method.teacher``: which weights label the weak view (FixMatch and its variants)."""
+MASKINGS = ("fixed", "flexmatch", "freematch", "softmatch")
+"""``method.masking``: which pseudo-labels count and how much (``ssl_kvasir.pseudo_labels.masking.MASKINGS``)."""
+ALIGNMENTS = (None, "labeled", "uniform")
+"""``method.alignment``: distribution alignment of the weak predictions, or none (null)."""

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from ssl_kvasir.losses import logit_adjusted_cross_entropy, masked_cross_entropy
-from ssl_kvasir.methods.base import BaseMethod
+from ssl_kvasir.methods.base import PriorEstimator
+from ssl_kvasir.methods.semi_supervised import SemiSupervised
 from ssl_kvasir.pseudo_labels.priors import ANCHORS, AdaptiveLogitAdjustment, log_prior
 
 
-class ACR(BaseMethod):
+class ACR(SemiSupervised):
     """ "Towards Realistic Long-Tailed Semi-Supervised Learning: Consistency Is All You Need": FixMatch with two
     classifiers on one backbone and pseudo-labels adjusted to the estimated class mix of the unlabeled images.
 
@@ -34,12 +35,10 @@ class ACR(BaseMethod):
         tau_balanced: logit adjustment of the balanced head's labeled loss (the reference's ``tau2``, 2).
         tau_pseudo_balanced: adjustment of the balanced head's pseudo-labels (``tau12``, 2).
         est_epoch: the unlabeled mix is estimated from the epochs after this one (0-based; 5 in the reference).
-        **base: arguments of :class:`BaseMethod`.
+        **base: arguments of :class:`~ssl_kvasir.methods.semi_supervised.SemiSupervised`.
     """
 
     name = "acr"
-    labeled_views = ("weak",)
-    unlabeled_views = ("weak", "strong")
 
     @classmethod
     def strategies(cls, config: dict) -> dict:
@@ -75,16 +74,14 @@ class ACR(BaseMethod):
         features = modules["model"].backbone(x)  # (B, D)
         return features, modules["balanced_head"](features)  # (B, D), (B, C)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
-        x_ulb_w, x_ulb_s = batch["ulb"]["weak"], batch["ulb"]["strong"]
-        n_lb, n_ulb = len(x_lb), len(x_ulb_w)
-
+        y_lb = batch["lb"]["label"]
         # One backbone pass over all three batches (BatchNorm sees them together), two heads on its features.
-        features = self.model.backbone(torch.cat([x_lb, x_ulb_w, x_ulb_s]))  # (B + 2 mu B, D)
-        logits_lb, logits_w, logits_s = self.model.head(features).split([n_lb, n_ulb, n_ulb])
-        logits_lb_b, logits_w_b, logits_s_b = self.balanced_head(features).split([n_lb, n_ulb, n_ulb])
+        out = self.forward_streams(batch, ("x_lb", "x_ulb_w", "x_ulb_s"), features=True)
+        logits_lb, logits_w, logits_s = out.logits["x_lb"], out.logits["x_ulb_w"], out.logits["x_ulb_s"]
+        balanced = out.split(self.balanced_head(out.joint_features))
+        logits_lb_b, logits_w_b, logits_s_b = balanced["x_lb"], balanced["x_ulb_w"], balanced["x_ulb_s"]
 
         with torch.no_grad():
             z_w, z_w_b = logits_w.detach().float(), logits_w_b.detach().float()  # (mu B, C)
@@ -105,24 +102,23 @@ class ACR(BaseMethod):
         loss_u = masked_cross_entropy(logits_s, pseudo, mask)
         loss_u_b = masked_cross_entropy(logits_s_b, pseudo_b, mask_b)
         loss = loss_x + loss_x_b + hp.lambda_u * (loss_u + loss_u_b)
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/loss_x": loss_x + loss_x_b,
-                "train/loss_u": loss_u + loss_u_b,
-                "train/mask_rate": mask.mean(),
-                "train/mask_rate_balanced": mask_b.mean(),
-            },
-            prog_bar=True,
-        )
-        return loss
+        return {
+            "loss": loss,
+            "loss_x": loss_x + loss_x_b,
+            "loss_u": loss_u + loss_u_b,
+            "mask_rate": mask.mean(),
+            "mask_rate_balanced": mask_b.mean(),
+            "pl_acc": self.record_pseudo_labels(pseudo, mask, batch["ulb"]["label"]),
+        }
+
+    def prior_estimator(self) -> PriorEstimator:
+        """The balanced head's estimate of the unlabeled mix, which sets the adjustment's strength."""
+        return self.adjustment
 
     def on_train_epoch_start(self) -> None:
-        """Set ``tau`` from the last epoch's estimate (at the epoch start, so that a run resumed from an epoch-end
-        checkpoint, whose running sums the checkpoint holds, does the same) and log it."""
+        """Set ``tau`` from the last epoch's estimate (the base's prior seam, :meth:`BaseMethod.on_train_epoch_start`)
+        and log it with the distances to the anchors."""
         super().on_train_epoch_start()
-        if self.current_epoch > 0:
-            self.adjustment.end_epoch()
         self.log_dict(
             {
                 "train/acr_tau": float(self.adjustment.tau),
@@ -130,14 +126,5 @@ class ACR(BaseMethod):
                     f"train/acr_distance/{k}": float(d)
                     for k, d in zip(ANCHORS, self.adjustment.distances, strict=True)
                 },
-                **{f"train/unlabeled_prior/{n}": p for n, p in self.unlabeled_prior.items()},
             }
         )
-
-    @property
-    def unlabeled_prior(self) -> dict[str, float]:
-        """The estimated class mix of the unlabeled images, class name -> share (sums to 1)."""
-        return {
-            n: float(p)
-            for n, p in zip(self.hparams.class_names, self.adjustment.unlabeled_prior, strict=True)
-        }

@@ -1,7 +1,9 @@
 """The base LightningModule: modules, EMA, optimizer, schedule, evaluation and prediction.
 
-A method adds only its ``__init__`` arguments and its ``training_step`` (solo-learn's split). It declares the
-views its training streams need; the DataModule serves them, so no dataset branches on a method's name.
+A method adds only its ``__init__`` arguments and its losses (solo-learn's split): the base runs the step's
+streams through the network in one forward pass (:meth:`BaseMethod.forward_streams`), hands the outputs to the
+method's :meth:`BaseMethod.step_losses` and logs what it returns. A method declares the views its training
+streams need; the DataModule serves them, so no dataset branches on a method's name.
 
 Extension points, so that a new method never edits this file:
 
@@ -14,13 +16,16 @@ Extension points, so that a new method never edits this file:
   strategy objects its constructor takes.
 - :meth:`BaseMethod.procedure`: what a run of the method is. One fit by default; a multi-stage method
   (self-training's rounds) drives the stages itself through the :class:`Runner` it is handed.
+- :meth:`BaseMethod.prior_estimator`: an estimate of the unlabeled pool's class mix that the method keeps (ACR's,
+  SimPro's); the base folds it in at every epoch start, logs it and reports it (:attr:`BaseMethod.unlabeled_prior`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -34,15 +39,52 @@ from torch import nn
 from ssl_kvasir.errors import SslKvasirError
 from ssl_kvasir.losses import logit_adjusted_cross_entropy
 from ssl_kvasir.models import EMA, Network
+from ssl_kvasir.names import EVAL_WEIGHTS, LABELED_LOSSES, OPTIMIZERS, SCHEDULES
 
 # Strategy objects (masking, alignment, priors) are constructor arguments and modules: their state is saved in
 # the state dict and their config by from_config, so Lightning's advice to ignore them does not apply.
 warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
-EVAL_WEIGHTS = ("ema", "model")
-LABELED_LOSSES = ("ce", "logit_adjusted")
+STREAMS: dict[str, tuple[str, str]] = {
+    "x_lb": ("lb", "weak"),
+    "x_ulb_w": ("ulb", "weak"),
+    "x_ulb_s": ("ulb", "strong"),
+    "x_pl": ("pl", "strong"),
+}
+"""A step's image streams by USB's names -> (stream of the batch, view): labeled, unlabeled weak and strong,
+pseudo-labeled (self-training's students)."""
+
+
+@dataclass(frozen=True)
+class StreamOutputs:
+    """The network's outputs on a step's streams, computed in one forward pass.
+
+    Attributes:
+        logits: stream name (:data:`STREAMS`) -> its (B_stream, C) logits.
+        sizes: stream name -> its batch size, in the order of the forward pass.
+        features: stream name -> its (B_stream, D) features; empty unless asked for.
+        joint_features: the (N, D) features of all the streams in one tensor (another head runs on it once and
+            :meth:`split` cuts its output); None unless asked for.
+    """
+
+    logits: dict[str, torch.Tensor]
+    sizes: dict[str, int]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    joint_features: torch.Tensor | None = None
+
+    def split(self, joint: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cut a (N, ...) tensor over all the streams (another head on the joint features) by stream."""
+        return dict(zip(self.sizes, joint.split(list(self.sizes.values())), strict=True))
+
+
+class PriorEstimator(Protocol):
+    """An estimate of the unlabeled pool's class mix kept by a method (ACR's, SimPro's), updated over an epoch."""
+
+    unlabeled_prior: torch.Tensor  # (C,) shares, summing to 1
+
+    def end_epoch(self) -> None:
+        """Fold the epoch's statistics into the estimate and start the next epoch's."""
+        ...
 
 
 class TrainingDiverged(SslKvasirError):
@@ -102,7 +144,8 @@ def fixmatch_cosine(step: int, total_steps: int, warmup_steps: int = 0) -> float
 
 
 class BaseMethod(L.LightningModule):
-    """Owns the network, the EMA of its trainable modules, the optimizer and schedule, and evaluation.
+    """Owns the network, the EMA of its trainable modules, the optimizer and schedule, the training step's forward
+    pass and logging, and evaluation.
 
     Args:
         network: backbone + head.
@@ -263,7 +306,36 @@ class BaseMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
+        """Re-seed; fold the last epoch into the unlabeled prior estimate, if the method keeps one, and log it.
+
+        The estimate is folded in at the epoch start, not at the epoch end, so that a run resumed from an
+        epoch-end checkpoint (which holds the epoch's running sums) does the same as an uninterrupted one.
+        """
         seed_everything(self.hparams.seed * 1000 + self.current_epoch, workers=True, verbose=False)
+        estimator = self.prior_estimator()
+        if estimator is not None:
+            if self.current_epoch > 0:
+                estimator.end_epoch()
+            self.log_dict({f"train/unlabeled_prior/{n}": p for n, p in self.unlabeled_prior.items()})
+
+    def on_train_end(self) -> None:
+        """Fold the last epoch into the unlabeled prior estimate too, so that it has seen every epoch."""
+        estimator = self.prior_estimator()
+        if estimator is not None:
+            estimator.end_epoch()
+
+    def prior_estimator(self) -> PriorEstimator | None:
+        """The method's estimate of the unlabeled class mix (ACR's, SimPro's), or None (the default)."""
+        return None
+
+    @property
+    def unlabeled_prior(self) -> dict[str, float] | None:
+        """The estimated class mix of the unlabeled images, class name -> share (sums to 1), or None when the
+        method keeps no estimate. ``results.json`` and the analysis report it."""
+        estimator = self.prior_estimator()
+        if estimator is None:
+            return None
+        return {n: float(p) for n, p in zip(self.hparams.class_names, estimator.unlabeled_prior, strict=True)}
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -275,6 +347,31 @@ class BaseMethod(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self._live_modules())
+
+    def forward_streams(self, batch: dict, streams: Sequence[str], features: bool = False) -> StreamOutputs:
+        """The network's logits (and features, with ``features=True``) on the named streams of ``batch``
+        (:data:`STREAMS`), in one forward pass: BatchNorm normalises the streams as one batch, as FixMatch does.
+        """
+        images = [batch[part][view] for part, view in (STREAMS[name] for name in streams)]
+        shape = StreamOutputs({}, {name: len(x) for name, x in zip(streams, images, strict=True)})
+        joint = torch.cat(images)  # (N, 3, H, W), N the sum of the streams' sizes
+        if not features:
+            return StreamOutputs(shape.split(self.model(joint)), shape.sizes)  # each (B_stream, C)
+        joint_features, joint_logits = self.model.features_and_logits(joint)  # (N, D), (N, C)
+        return StreamOutputs(
+            shape.split(joint_logits), shape.sizes, shape.split(joint_features), joint_features
+        )
+
+    def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A training step's scalars by name: ``loss``, what the optimizer minimises, and what to log beside it
+        (``loss_x``, ``mask_rate``...). Every method implements it."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The method's :meth:`step_losses`, logged as ``train/<name>`` through :meth:`log_training_step`."""
+        values = self.step_losses(batch)
+        self.log_training_step({f"train/{k}": v for k, v in values.items()})
+        return values["loss"]
 
     def log_training_step(self, values: dict[str, torch.Tensor]) -> None:
         """Log a training step's scalars (and show them in the progress bar) on the steps where they are read.

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.losses import soft_cross_entropy
@@ -33,7 +32,12 @@ ROUND_RESULTS = "round_results.json"
 
 
 class SelfTraining(BaseMethod):
-    """Cross-entropy on labeled images plus, from round 1 on, on noised pseudo-labeled ones.
+    """The labeled loss on labeled images plus, from round 1 on, cross-entropy on noised pseudo-labeled ones.
+
+    The labeled loss is the base's :meth:`~BaseMethod.labeled_loss`: cross-entropy, or with ``loss=logit_adjusted``
+    the logit-adjusted loss by the training prior, in every round (the teacher of round 0 included). The
+    pseudo-labeled images keep plain cross-entropy: their class mix is the one ``pseudo.balance`` chose, not
+    the training prior's.
 
     Args:
         lambda_pl: weight of the pseudo-labeled loss.
@@ -48,20 +52,17 @@ class SelfTraining(BaseMethod):
     def __init__(self, lambda_pl: float = 1.0, **base):
         super().__init__(**base)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
+    def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        y_lb = batch["lb"]["label"]
         if "pl" not in batch:
-            loss = F.cross_entropy(self.model(x_lb), y_lb)
-            self.log_dict({"train/loss": loss, "train/loss_x": loss}, prog_bar=True)
-            return loss
-        x_pl, target_pl = batch["pl"]["strong"], batch["pl"]["target"]  # (B_pl, 3, H, W), (B_pl, C)
+            loss = self.labeled_loss(self.forward_streams(batch, ("x_lb",)).logits["x_lb"], y_lb)
+            return {"loss": loss, "loss_x": loss}
         # One forward pass, so BatchNorm normalises labeled and pseudo-labeled images together (Noisy Student).
-        logits_lb, logits_pl = self.model(torch.cat([x_lb, x_pl])).split([len(x_lb), len(x_pl)])
-        loss_x = F.cross_entropy(logits_lb, y_lb)
-        loss_pl = soft_cross_entropy(logits_pl, target_pl)
+        out = self.forward_streams(batch, ("x_lb", "x_pl"))
+        loss_x = self.labeled_loss(out.logits["x_lb"], y_lb)
+        loss_pl = soft_cross_entropy(out.logits["x_pl"], batch["pl"]["target"])  # targets (B_pl, C)
         loss = loss_x + self.hparams.lambda_pl * loss_pl
-        self.log_dict({"train/loss": loss, "train/loss_x": loss_x, "train/loss_pl": loss_pl}, prog_bar=True)
-        return loss
+        return {"loss": loss, "loss_x": loss_x, "loss_pl": loss_pl}
 
     @classmethod
     def procedure(cls, runner: Runner) -> dict:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from ssl_kvasir.losses import logit_adjusted_cross_entropy
-from ssl_kvasir.methods.base import BaseMethod
+from ssl_kvasir.methods.base import PriorEstimator
+from ssl_kvasir.methods.semi_supervised import SemiSupervised
 from ssl_kvasir.pseudo_labels.priors import EMClassPrior
 
 
-class SimPro(BaseMethod):
+class SimPro(SemiSupervised):
     """ "SimPro: A Simple Probabilistic Framework Towards Realistic Long-Tailed Semi-Supervised Learning".
 
     The network's logits ``f(x)`` model the class-conditional ``p(x | y)``, shared by labeled and unlabeled
@@ -22,7 +23,8 @@ class SimPro(BaseMethod):
     - M-step for the network: the labeled and the strong-view unlabeled losses are cross-entropies of
       ``f(x) + tau log pi``, ``pi`` the prior of the whole training set (labeled counts plus unlabeled
       posteriors), so ``f`` learns ``p(x | y)`` and predicts balanced classes with ``argmax f(x)``.
-    - M-step for the priors: at each epoch's end, a running average (``ema_u``) of the epoch's mean posterior.
+    - M-step for the priors: at each epoch's end, a running average (``ema_u``) of the epoch's mean posterior
+      (the base's prior seam folds it in at the next epoch's start, :meth:`BaseMethod.on_train_epoch_start`).
 
     The labeled loss is the base's :meth:`~BaseMethod.labeled_loss` with the training prior: SimPro's config
     sets ``loss: logit_adjusted``, and ``la_tau`` is SimPro's ``tau`` for all its adjustments. With
@@ -35,20 +37,14 @@ class SimPro(BaseMethod):
 
     Args:
         prior: the unlabeled and training priors (estimated while training).
-        num_unlabeled: size of the unlabeled pool, ``|U|``.
         threshold: confidence threshold of the pseudo-labels (0.95 on CIFAR-10, 0.2 on CIFAR-100).
         lambda_u: weight of the unlabeled loss (1.0).
         scale_labeled_loss: divide the labeled loss by ``|U| / (mu |L|)``.
-        **base: arguments of :class:`BaseMethod`.
+        **base: arguments of :class:`~ssl_kvasir.methods.semi_supervised.SemiSupervised` (its
+            ``num_unlabeled`` is ``|U|``).
     """
 
     name = "simpro"
-    labeled_views = ("weak",)
-    unlabeled_views = ("weak", "strong")
-
-    @classmethod
-    def data_kwargs(cls, datamodule) -> dict:
-        return {**super().data_kwargs(datamodule), "num_unlabeled": len(datamodule.streams["ulb"].rows)}
 
     @classmethod
     def strategies(cls, config: dict) -> dict:
@@ -63,7 +59,6 @@ class SimPro(BaseMethod):
     def __init__(
         self,
         prior: EMClassPrior,
-        num_unlabeled: int,
         threshold: float = 0.95,
         lambda_u: float = 1.0,
         scale_labeled_loss: bool = True,
@@ -73,14 +68,12 @@ class SimPro(BaseMethod):
         self.prior = prior
         self.num_labeled = int(sum(self.hparams.labeled_class_counts))
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
-        x_ulb_w, x_ulb_s = batch["ulb"]["weak"], batch["ulb"]["strong"]
-        n_lb, n_ulb = len(x_lb), len(x_ulb_w)
-
-        logits = self.model(torch.cat([x_lb, x_ulb_w, x_ulb_s]))  # (B + 2 mu B, C)
-        logits_lb, logits_w, logits_s = logits.split([n_lb, n_ulb, n_ulb])
+        y_lb = batch["lb"]["label"]
+        out = self.forward_streams(batch, ("x_lb", "x_ulb_w", "x_ulb_s"))
+        logits_lb, logits_w, logits_s = out.logits["x_lb"], out.logits["x_ulb_w"], out.logits["x_ulb_s"]
+        n_lb, n_ulb = len(logits_lb), len(logits_w)
         with torch.no_grad():
             # E-step: the posterior under the unlabeled prior.
             probs = (logits_w.detach().float() + self.prior.unlabeled_adjustment(hp.la_tau)).softmax(
@@ -91,7 +84,7 @@ class SimPro(BaseMethod):
 
         loss_x = self.labeled_loss(logits_lb, y_lb, prior=self.prior.train_prior)
         if hp.scale_labeled_loss:
-            loss_x = loss_x * (n_ulb * self.num_labeled) / (n_lb * hp.num_unlabeled)
+            loss_x = loss_x * (n_ulb * self.num_labeled) / (n_lb * self.num_unlabeled)
         loss_u = (
             logit_adjusted_cross_entropy(
                 logits_s, probs, self.prior.train_prior, tau=hp.la_tau, reduction="none"
@@ -99,32 +92,14 @@ class SimPro(BaseMethod):
             * mask
         ).mean()
         loss = loss_x + hp.lambda_u * loss_u
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/loss_x": loss_x,
-                "train/loss_u": loss_u,
-                "train/mask_rate": mask.mean(),
-            },
-            prog_bar=True,
-        )
-        return loss
-
-    def on_train_epoch_start(self) -> None:
-        """The M-step for the priors over the last epoch (at the epoch start, so that a run resumed from an
-        epoch-end checkpoint, whose running sums the checkpoint holds, does the same), then log ``pi_u``."""
-        super().on_train_epoch_start()
-        if self.current_epoch > 0:
-            self.prior.end_epoch()
-        self.log_dict({f"train/unlabeled_prior/{n}": p for n, p in self.unlabeled_prior.items()})
-
-    def on_train_end(self) -> None:
-        """Fold the last epoch in too, so the final estimate has seen every epoch."""
-        self.prior.end_epoch()
-
-    @property
-    def unlabeled_prior(self) -> dict[str, float]:
-        """The estimated class mix of the unlabeled images, class name -> share (sums to 1)."""
         return {
-            n: float(p) for n, p in zip(self.hparams.class_names, self.prior.unlabeled_prior, strict=True)
+            "loss": loss,
+            "loss_x": loss_x,
+            "loss_u": loss_u,
+            "mask_rate": mask.mean(),
+            "pl_acc": self.record_pseudo_labels(probs.argmax(1), mask, batch["ulb"]["label"]),
         }
+
+    def prior_estimator(self) -> PriorEstimator:
+        """The EM estimate of the unlabeled prior (and of the training prior)."""
+        return self.prior

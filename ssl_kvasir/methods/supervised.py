@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ssl_kvasir.methods.base import BaseMethod
 
 
@@ -12,8 +14,6 @@ class Supervised(BaseMethod):
     name = "supervised"
     labeled_views = ("weak",)
 
-    def training_step(self, batch: dict, batch_idx: int):
-        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
-        loss = self.labeled_loss(self.model(x_lb), y_lb)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        loss = self.labeled_loss(self.forward_streams(batch, ("x_lb",)).logits["x_lb"], batch["lb"]["label"])
+        return {"loss": loss}

@@ -138,9 +138,9 @@ def test_distribution_alignment_factor_of_a_rare_class_starts_near_one():
 
 
 def test_distribution_alignment_state_resumes_from_a_checkpoint():
-    da = DistributionAlignment(torch.tensor([1.0, 3.0]))
+    da = DistributionAlignment(torch.tensor([1.0, 3.0]), momentum=0.999)
     da.update(torch.tensor([[0.9, 0.1]]))
-    again = DistributionAlignment(torch.tensor([1.0, 3.0]))
+    again = DistributionAlignment(torch.tensor([1.0, 3.0]), momentum=0.999)
     again.load_state_dict(da.state_dict())
     again.update(torch.tensor([[0.2, 0.8]]))  # an EMA step, not a fresh start
     assert torch.allclose(
