@@ -343,7 +343,8 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _analysis_command(step: str):
-    """``embed``, ``analyze`` or ``export-pseudo-labels``: Hydra overrides on configs/analyze.yaml."""
+    """``embed``, ``analyze``, ``export-pseudo-labels``, ``review`` or ``label-issues``: Hydra overrides on
+    configs/analyze.yaml."""
 
     def run(argv: list[str]) -> int:
         from ssl_kvasir.config import ANALYZE_RULES, compose, validate
@@ -366,6 +367,15 @@ def _analysis_command(step: str):
         elif step == "analyze":
             result = analyze.analyze(cfg)
             print("\n".join(analyze.summary_lines(result)))
+        elif step == "review":
+            from ssl_kvasir.run.review import review
+
+            print(f"review page -> {review(cfg)}")
+        elif step == "label-issues":
+            from ssl_kvasir.run.label_issues import label_issues
+
+            path, flagged, checked = label_issues(cfg)
+            print(f"{flagged} of {checked} labeled training images flagged -> {path}")
         else:
             print(f"pseudo-labels -> {analyze.export_pseudo_labels(cfg)}")
         return 0
@@ -494,6 +504,14 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export-pseudo-labels": (
         _analysis_command("export"),
         "pseudo-label CSV of the unlabeled images (output=FILE.csv)",
+    ),
+    "review": (
+        _analysis_command("review"),
+        "a static HTML page to review pseudo-labels and download the reviewed CSV",
+    ),
+    "label-issues": (
+        _analysis_command("label-issues"),
+        "suspect labels of the labeled training fold (cleanlab, out-of-fold)",
     ),
     "check": (_check, "validate a downloaded archive and its split file"),
     "synth": (_synth, "write a synthetic archive in the HyperKvasir layout"),

@@ -254,7 +254,7 @@ RULES: dict[str, Rule] = {
     "method.scale_labeled_loss": Flag(),
     # The analysis commands (configs/analyze.yaml).
     "checkpoint": Text(nullable=True),
-    "format": Choice(("ssl_kvasir", "authors")),
+    "format": Choice(("ssl_kvasir", "authors", "label-studio")),
     "embed.dtype": Choice(("float16", "float32")),
     "embed.chunk_rows": COUNT,
     "embed.batch_size": COUNT,
@@ -276,6 +276,21 @@ RULES: dict[str, Rule] = {
     "select.min_confidence": FRACTION,
     "select.top_k_per_class": Number(1, integer=True, nullable=True),
     "select.require_agreement": Flag(),
+    "select.order": Choice(("none", "review")),
+    "label_studio.image_prefix": Text(),
+    "review.margin_weight": NON_NEGATIVE,
+    "review.disagreement_weight": NON_NEGATIVE,
+    "review.outlier_weight": NON_NEGATIVE,
+    "review.coverage": FRACTION,
+    "review.neighbours": COUNT,
+    "review.candidates": Number(1, integer=True, nullable=True),
+    "review.limit": Number(1, integer=True, nullable=True),
+    "review.group_by": Choice(("class", "cluster")),
+    "review.thumb_size": Number(16, integer=True),
+    "review.page_size": COUNT,
+    "review.label_issues": Text(nullable=True),
+    "label_issues.folds": Number(2, integer=True),
+    "label_issues.regularization": Number(0, low_open=True),
 }
 # In the analysis config null means "the size the checkpoint was trained at".
 ANALYZE_RULES: dict[str, Rule] = {**RULES, "data.image_size": Number(1, integer=True, nullable=True)}

@@ -255,9 +255,29 @@ def pseudo_label_table(cfg: DictConfig, analysis: Analysis, classes):
     ), unl
 
 
-def export(cfg: DictConfig, analysis: Analysis, classes) -> Path:
-    """Select and write the pseudo-label CSV (atomically)."""
-    from ssl_kvasir.pseudo_labels.table import select_pseudo_labels, write_pseudo_labels
+def review_order(cfg: DictConfig, analysis: Analysis, table, rows: np.ndarray):
+    """``table``'s rows in review order (``review.*`` keys: :func:`ssl_kvasir.analysis.priority.review_order`)
+    and their priorities, in that order; ``rows`` are the table's rows of the embedding store."""
+    from ssl_kvasir.analysis.priority import review_order as order_rows
+
+    r = cfg.review
+    order, scores = order_rows(
+        table,
+        analysis.store.features[rows],
+        margin_weight=r.margin_weight,
+        disagreement_weight=r.disagreement_weight,
+        outlier_weight=r.outlier_weight,
+        coverage=r.coverage,
+        neighbours=r.neighbours,
+        candidates=r.candidates,
+    )
+    return table.iloc[order], scores[order]
+
+
+def select(cfg: DictConfig, analysis: Analysis, classes):
+    """The pseudo-label table of the unlabeled images after ``select.*`` (in review order with
+    ``select.order=review``), and the embedding-store row of each of its rows."""
+    from ssl_kvasir.pseudo_labels.table import select_pseudo_labels
 
     table, unl = pseudo_label_table(cfg, analysis, classes)
     kept = select_pseudo_labels(
@@ -266,10 +286,29 @@ def export(cfg: DictConfig, analysis: Analysis, classes) -> Path:
         top_k_per_class=cfg.select.top_k_per_class,
         require_agreement=cfg.select.require_agreement,
     )
-    output = Path(cfg.output) if cfg.output else _out_dir(cfg) / "pseudo_labels.csv"
-    probs = np.asarray(analysis.store.probs[unl[kept.index.to_numpy()]])
-    write_pseudo_labels(kept, output, format=cfg.format, probs=probs, classes=classes)
-    log.info("%d of %d unlabeled images exported to %s", len(kept), len(table), output)
+    if cfg.select.order == "review":
+        kept, _ = review_order(cfg, analysis, kept, unl[kept.index.to_numpy()])
+    return kept, unl[kept.index.to_numpy()]
+
+
+def export(cfg: DictConfig, analysis: Analysis, classes) -> Path:
+    """Select and write the pseudo-label file (atomically)."""
+    from ssl_kvasir.pseudo_labels.table import write_pseudo_labels
+
+    kept, rows = select(cfg, analysis, classes)
+    suffix = ".json" if cfg.format == "label-studio" else ".csv"
+    output = Path(cfg.output) if cfg.output else _out_dir(cfg) / f"pseudo_labels{suffix}"
+    probs = np.asarray(analysis.store.probs[rows])
+    write_pseudo_labels(
+        kept,
+        output,
+        format=cfg.format,
+        probs=probs,
+        classes=classes,
+        image_prefix=cfg.label_studio.image_prefix,
+    )
+    n_pool = int((analysis.store.labels < 0).sum())
+    log.info("%d of %d unlabeled images exported to %s", len(kept), n_pool, output)
     return output
 
 
