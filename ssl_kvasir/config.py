@@ -208,6 +208,8 @@ RULES: dict[str, Rule] = {
     ),
     "trainer.channels_last": Flag(),
     "trainer.monitor": Text(),
+    "trainer.selection": Choice(("later", "earlier", "final")),
+    "trainer.min_val_size": COUNT,
     "trainer.log_every_n_steps": COUNT,
     "trainer.progress_bar": Flag(),
     "logger.kind": Choice(("wandb", "csv")),

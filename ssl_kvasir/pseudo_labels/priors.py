@@ -21,6 +21,13 @@ from torch import nn
 ANCHORS = ("consistent", "uniform", "reversed")
 """ACR's anchor distributions for the unlabeled class mix, in the order of :func:`anchor_distributions`."""
 
+MIX_ESTIMATES = ("reference", "histogram")
+"""How ACR counts a step's confident predictions: each class at most once (the reference code) or each one."""
+
+EM_POSTERIORS = ("all", "confident")
+"""Which unlabeled posteriors SimPro's M-step averages: every one, or only those above the threshold (the
+reference code)."""
+
 EPS = 1e-12
 """Smallest share a prior takes inside a logarithm (the reference implementations' ``+ 1e-12``)."""
 
@@ -72,15 +79,23 @@ class AdaptiveLogitAdjustment(nn.Module):
     unlabeled pool that looks like the labeled one (small ``d_con``) gets little adjustment; one that looks
     reversed gets ``tau_max``. The standard head's pseudo-labels are then ``softmax(logits - tau log p_l)``.
 
-    Departure from the reference code: it adds each step's confident predictions with ``hist[pred] += mask``,
-    which under PyTorch's indexing counts a class once however often it is predicted (a set of classes, not
-    a histogram); we count them (``bincount``), as the paper describes the estimate.
+    How a step counts (``mix_estimate``):
+
+    - ``reference`` (the default): as the official code (Gank0078/ACR, ``now_mask[t] += m``), where PyTorch's
+      indexed add with repeated indices keeps one write, so a class counts at most once per step: the step's
+      distribution is uniform over the classes with a confident prediction. We count a class when any of its
+      predictions is confident, so the result does not depend on the order of the writes. This is the estimator
+      the paper's ``tau`` values were tuned with: in a simulation the histogram moves ``tau`` from 0.42 to 0.07
+      on a consistent mix and from 1.27 to 1.76 on a reversed one, so it is the default.
+    - ``histogram``: a true histogram of the confident predictions (``bincount``), as the paper describes the
+      estimate in words.
 
     Args:
-        labeled_counts: (C,) images per class in the labeled set.
+        labeled_counts: (C,) the training prior (the labeled stream's class counts or shares as sampled).
         tau_min: adjustment strength for an unlabeled pool that matches the consistent anchor.
         tau_max: strength for one that matches the reversed anchor, and before the first estimate.
         momentum: of the running average ``p_u`` (the reference's ``ema_u``).
+        mix_estimate: ``reference`` or ``histogram`` (above).
     """
 
     def __init__(
@@ -89,11 +104,15 @@ class AdaptiveLogitAdjustment(nn.Module):
         tau_min: float = 0.0,
         tau_max: float = 2.0,
         momentum: float = 0.99,
+        mix_estimate: str = "reference",
     ):
         super().__init__()
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if mix_estimate not in MIX_ESTIMATES:
+            raise ValueError(f"unknown mix_estimate {mix_estimate!r}; valid: {', '.join(MIX_ESTIMATES)}")
         self.tau_min, self.tau_max, self.momentum = tau_min, tau_max, momentum
+        self.mix_estimate = mix_estimate
         labeled_prior = normalize(labeled_counts)  # (C,)
         num_classes = len(labeled_prior)
         self.register_buffer("labeled_prior", labeled_prior)
@@ -114,6 +133,8 @@ class AdaptiveLogitAdjustment(nn.Module):
             mask: (N,) weights in [0, 1]; the confident ones count.
         """
         counts = torch.bincount(pred, weights=mask.float(), minlength=len(self.unlabeled_prior))  # (C,)
+        if self.mix_estimate == "reference":
+            counts = (counts > 0).float()  # each class with a confident prediction once
         total = counts.sum()
         seen = (total > 0).float()  # a step without a confident prediction changes nothing
         step_dist = counts / total.clamp_min(EPS)  # (C,)
@@ -139,6 +160,17 @@ class AdaptiveLogitAdjustment(nn.Module):
         """The (C,) offset ``tau * log p_l`` that ACR subtracts from the standard head's logits."""
         return log_prior(self.labeled_prior, self.tau)
 
+    @property
+    def inert(self) -> bool:
+        """Whether the labeled prior is uniform: the three anchors then coincide, ``tau`` stays at
+        ``tau_min + (tau_max - tau_min) / 3`` whatever the unlabeled mix, and every adjustment is a constant shift of the
+        logits, which changes no prediction: ACR is FixMatch with a second head."""
+        return bool(
+            torch.allclose(
+                self.labeled_prior, torch.full_like(self.labeled_prior, 1 / len(self.labeled_prior))
+            )
+        )
+
 
 class EMClassPrior(nn.Module):
     """SimPro's closed-form M-step for the unlabeled class prior (Du et al., ICML 2024).
@@ -146,24 +178,44 @@ class EMClassPrior(nn.Module):
     SimPro writes semi-supervised learning as EM with the class-conditional ``p(x | y)`` shared by labeled and
     unlabeled images and separate priors ``pi_l`` and ``pi_u``. The E-step's posterior of an unlabeled image
     is ``softmax(f(x) + tau log pi_u)``; the M-step maximises the expected log-likelihood over ``pi_u`` in
-    closed form, ``pi_u = 1/N_u sum_i p(y | x_i)``: the mean posterior, here of the confident images, as in the
-    reference code. The prior of the whole training set (labeled counts plus unlabeled posteriors) adjusts the
-    training losses so that ``f`` itself learns the balanced ``p(x | y)``. Both are running averages over
-    epochs (momentum ``ema_u``), updated at each epoch's end.
+    closed form, ``pi_u = 1/N_u sum_i p(y | x_i)``: the mean posterior. The prior of the whole training set
+    (labeled counts plus unlabeled posteriors) adjusts the training losses so that ``f`` itself learns the
+    balanced ``p(x | y)``. Both are running averages over epochs (momentum ``ema_u``), updated at each epoch's
+    end once ``warmup_steps`` steps have been seen.
+
+    The reference code averages only the confident posteriors (``posteriors="confident"``) and makes its first
+    M-step after one epoch. With a barely trained network that estimate collapses: the E-step adds
+    ``tau log pi_u``, so a class whose share has fallen no longer reaches the threshold, and an M-step over the
+    confident posteriors gives it still less mass. The defaults, ``posteriors="all"`` (the closed-form M-step
+    itself) and a warm-up before the first M-step, were chosen on the long-tailed digits benchmark (README,
+    "Rare classes").
 
     Departure from the reference code: it divides the epoch's posterior sum by ``sum + 1``, so its estimate
     sums to slightly less than 1; ours is normalised, so that it is a distribution (23 shares summing to 1).
 
     Args:
-        labeled_counts: (C,) images per class in the labeled set (the training prior's starting point).
+        labeled_counts: (C,) the training prior's starting point (the labeled stream's class counts or shares
+            as sampled).
         momentum: of both running averages.
+        posteriors: ``all`` or ``confident``: which posteriors the M-step averages.
+        warmup_steps: steps (updates) before the first M-step; the sums of earlier epochs are dropped.
     """
 
-    def __init__(self, labeled_counts: Sequence[int] | torch.Tensor, momentum: float = 0.9):
+    def __init__(
+        self,
+        labeled_counts: Sequence[int] | torch.Tensor,
+        momentum: float = 0.9,
+        posteriors: str = "all",
+        warmup_steps: int = 0,
+    ):
         super().__init__()
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = momentum
+        if posteriors not in EM_POSTERIORS:
+            raise ValueError(f"unknown posteriors {posteriors!r}; valid: {', '.join(EM_POSTERIORS)}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.momentum, self.posteriors, self.warmup_steps = momentum, posteriors, warmup_steps
         labeled_prior = normalize(labeled_counts)  # (C,)
         num_classes = len(labeled_prior)
         self.register_buffer("unlabeled_prior", torch.full((num_classes,), 1.0 / num_classes))  # (C,)
@@ -171,6 +223,7 @@ class EMClassPrior(nn.Module):
         # This epoch's sums: posterior mass of confident unlabeled images, labeled images seen per class.
         self.register_buffer("unlabeled_mass", torch.zeros(num_classes))
         self.register_buffer("labeled_seen", torch.zeros(num_classes))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # updates seen, for the warm-up
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, mask: torch.Tensor, y_lb: torch.Tensor) -> None:
@@ -178,25 +231,29 @@ class EMClassPrior(nn.Module):
 
         Args:
             probs: (N, C) E-step posteriors of the unlabeled images (of every process).
-            mask: (N,) weights in [0, 1] (the confident ones count).
+            mask: (N,) weights in [0, 1]: the confident ones (with ``posteriors="confident"`` only they count).
             y_lb: (M,) labels of the step's labeled images (of every process).
         """
-        self.unlabeled_mass += (probs.float() * mask.float()[:, None]).sum(0)  # (C,)
+        weight = mask.float() if self.posteriors == "confident" else torch.ones_like(mask, dtype=torch.float)
+        self.unlabeled_mass += (probs.float() * weight[:, None]).sum(0)  # (C,)
+        self.steps += 1
         self.labeled_seen += torch.bincount(y_lb, minlength=len(self.labeled_seen)).float()  # (C,)
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """The M-step: fold the epoch's sums into ``pi_u`` and the training prior, then start new sums.
 
-        With no confident unlabeled image in the epoch ``pi_u`` is kept.
+        With no unlabeled mass in the epoch ``pi_u`` is kept; before ``warmup_steps`` the sums are dropped.
         """
-        m = self.momentum
-        mass = self.unlabeled_mass.sum()
-        if mass > 0:
-            self.unlabeled_prior.mul_(m).add_(self.unlabeled_mass / mass, alpha=1 - m)
-        seen = self.labeled_seen + self.unlabeled_mass  # (C,)
-        if seen.sum() > 0:
-            self.train_prior.mul_(m).add_(seen / seen.sum(), alpha=1 - m)
+        # Still warming up: the posteriors of a barely trained network are not worth an estimate.
+        if self.steps >= self.warmup_steps:
+            m = self.momentum
+            mass = self.unlabeled_mass.sum()
+            if mass > 0:
+                self.unlabeled_prior.mul_(m).add_(self.unlabeled_mass / mass, alpha=1 - m)
+            seen = self.labeled_seen + self.unlabeled_mass  # (C,)
+            if seen.sum() > 0:
+                self.train_prior.mul_(m).add_(seen / seen.sum(), alpha=1 - m)
         self.unlabeled_mass.zero_()
         self.labeled_seen.zero_()
 

@@ -146,7 +146,7 @@ def fit_once(
     module = build_method(cfg, method_cls, dm, network, total)
     has_val = len(exp.split.val) > 0
     logger = build_logger(cfg, out, stage=extra)
-    trainer = build_trainer(cfg, out, total, per_epoch, has_val, logger)
+    trainer = build_trainer(cfg, out, total, per_epoch, len(exp.split.val), logger)
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         guard.check_checkpoint(last, guard.fingerprint(cfg), out)
@@ -160,7 +160,9 @@ def fit_once(
             val = module.last_eval["val"]
         trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     test = module.last_eval["test"]
-    results = make_results(cfg, exp, module, test, val, best, total)
+    results = make_results(
+        cfg, exp, module, test, val, best, total, selection=trainer.checkpoint_callback.record()
+    )
     results.update(extra or {})
     if trainer.is_global_zero:
         write_results(out / results_file, results, exp.catalog.classes.names, test["confusion_matrix"])
@@ -259,18 +261,20 @@ class ConsoleLines(Callback):
         )
 
 
-def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, has_val: bool, logger):
+def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, n_val: int, logger):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from ssl_kvasir.run.selection import Selection
+
     t = cfg.trainer
-    best = ModelCheckpoint(
+    has_val = n_val > 0
+    best = Selection(
         dirpath=out / "checkpoints",
-        filename="best",
-        monitor=t.monitor if has_val else None,
-        mode="max",
-        save_top_k=1,
-        enable_version_counter=False,
+        monitor=t.monitor,
+        rule=t.selection,
+        n_val=n_val,
+        min_val_size=t.min_val_size,
     )
     # The resume point, written at every epoch end. Not ModelCheckpoint(save_last=True): Lightning 2.6 writes
     # that one only when the monitored metric improved, so a requeued job would redo every epoch since then.
@@ -325,6 +329,7 @@ def make_results(
     val: dict | None,
     checkpoint: str,
     steps: int,
+    selection: dict | None = None,
 ) -> dict:
     from ssl_kvasir.metrics import per_class_report
 
@@ -356,10 +361,8 @@ def make_results(
         "metrics": {k: float(v) for k, v in test["metrics"].items()},
         "metrics_weights": module.hparams.eval_weights,
         "val_metrics": {k: float(v) for k, v in val["metrics"].items()} if val else None,
-        "selection": f"best {cfg.trainer.monitor} on the validation part of the training folds"
-        + (" (inside the label budget)" if exp.split.settings["val_policy"] == "budget" else "")
-        if val
-        else f"last checkpoint (no validation images, data.val_policy={exp.split.settings['val_policy']})",
+        # How the scored checkpoint was chosen (run.selection.Selection.record); None for a re-evaluation.
+        "selection": selection,
         "per_class": per_class_report(test["confusion_matrix"], names),
         # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.
         "unlabeled_prior": getattr(module, "unlabeled_prior", None),

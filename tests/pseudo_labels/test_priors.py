@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ssl_kvasir.losses import logit_adjusted_cross_entropy
 from ssl_kvasir.pseudo_labels.priors import (
+    MIX_ESTIMATES,
     AdaptiveLogitAdjustment,
     EMClassPrior,
     anchor_distributions,
@@ -98,8 +99,9 @@ def test_symmetric_kl_matches_naive_sum():
     assert symmetric_kl(q, q).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def _naive_acr(counts, steps_per_epoch, batches, momentum, tau_min, tau_max):
-    """ACR's estimate and tau in plain Python: returns (p_u, tau) after every epoch."""
+def _naive_acr(counts, steps_per_epoch, batches, momentum, tau_min, tau_max, mix_estimate):
+    """ACR's estimate and tau in plain Python: returns (p_u, tau) after every epoch. ``reference`` counts a class
+    once per step (the official code's ``now_mask[t] += m``), ``histogram`` counts every confident prediction."""
     total = sum(counts)
     con = [c / total for c in counts]
     C = len(counts)
@@ -118,7 +120,7 @@ def _naive_acr(counts, steps_per_epoch, batches, momentum, tau_min, tau_max):
         for pred, mask in batches[start : start + steps_per_epoch]:
             hist = [0.0] * C
             for k, w in zip(pred, mask, strict=True):
-                hist[k] += w
+                hist[k] = max(hist[k], w) if mix_estimate == "reference" else hist[k] + w
             if sum(hist) == 0:
                 continue
             p_u = [momentum * a + (1 - momentum) * h / sum(hist) for a, h in zip(p_u, hist, strict=True)]
@@ -131,7 +133,8 @@ def _naive_acr(counts, steps_per_epoch, batches, momentum, tau_min, tau_max):
     return history
 
 
-def test_adaptive_logit_adjustment_matches_naive_loop_and_survives_state_dict():
+@pytest.mark.parametrize("mix_estimate", ["reference", "histogram"])
+def test_adaptive_logit_adjustment_matches_naive_loop_and_survives_state_dict(mix_estimate):
     counts = [40, 20, 10, 5, 2]
     g = torch.Generator().manual_seed(3)
     batches = []
@@ -141,14 +144,21 @@ def test_adaptive_logit_adjustment_matches_naive_loop_and_survives_state_dict():
         if step == 4:
             mask.zero_()  # a step with nothing confident changes nothing
         batches.append((pred, mask))
-    expected = _naive_acr(counts, 3, [(p.tolist(), m.tolist()) for p, m in batches], 0.9, 0.5, 2.0)
+    expected = _naive_acr(
+        counts, 3, [(p.tolist(), m.tolist()) for p, m in batches], 0.9, 0.5, 2.0, mix_estimate
+    )
 
-    acr = AdaptiveLogitAdjustment(counts, tau_min=0.5, tau_max=2.0, momentum=0.9)
+    def make():
+        return AdaptiveLogitAdjustment(
+            counts, tau_min=0.5, tau_max=2.0, momentum=0.9, mix_estimate=mix_estimate
+        )
+
+    acr = make()
     assert acr.tau.item() == 2.0
     for epoch in range(3):
         if epoch == 2:  # a resumed module continues where the saved one stopped, mid-sums included
             state = {k: v.clone() for k, v in acr.state_dict().items()}
-            acr = AdaptiveLogitAdjustment(counts, tau_min=0.5, tau_max=2.0, momentum=0.9)
+            acr = make()
             acr.load_state_dict(state)
         for pred, mask in batches[3 * epoch : 3 * epoch + 3]:
             acr.update(pred, mask)
@@ -170,7 +180,9 @@ def test_adaptive_tau_follows_the_unlabeled_mix():
         ("uniform", torch.full((6,), 1 / 6)),
         ("reversed", prior.flip(0)),
     ):
-        acr = AdaptiveLogitAdjustment(counts, tau_min=0.0, tau_max=2.0, momentum=0.9)
+        acr = AdaptiveLogitAdjustment(
+            counts, tau_min=0.0, tau_max=2.0, momentum=0.9, mix_estimate="histogram"
+        )
         g = torch.Generator().manual_seed(0)
         for _ in range(100):
             acr.update(torch.multinomial(mix, 256, replacement=True, generator=g), torch.ones(256))
@@ -180,7 +192,8 @@ def test_adaptive_tau_follows_the_unlabeled_mix():
     assert taus["consistent"] < 0.3 < taus["uniform"] < 1.3 < taus["reversed"]
 
 
-def test_em_class_prior_matches_naive_loop_and_survives_state_dict():
+@pytest.mark.parametrize("posteriors", ["all", "confident"])
+def test_em_class_prior_matches_naive_loop_and_survives_state_dict(posteriors):
     counts = [30, 12, 6, 2]
     g = torch.Generator().manual_seed(5)
     steps = [
@@ -191,19 +204,19 @@ def test_em_class_prior_matches_naive_loop_and_survives_state_dict():
         )
         for _ in range(6)
     ]
-    em = EMClassPrior(counts, momentum=0.8)
+    em = EMClassPrior(counts, momentum=0.8, posteriors=posteriors)
     pi_u, pi = [0.25] * 4, [c / sum(counts) for c in counts]
     for epoch in range(3):
         if epoch == 1:
             state = {k: v.clone() for k, v in em.state_dict().items()}
-            em = EMClassPrior(counts, momentum=0.8)
+            em = EMClassPrior(counts, momentum=0.8, posteriors=posteriors)
             em.load_state_dict(state)
         mass, seen = [0.0] * 4, [0.0] * 4
         for probs, mask, y in steps[2 * epoch : 2 * epoch + 2]:
             em.update(probs, mask, y)
             for i in range(len(probs)):
                 for c in range(4):
-                    mass[c] += float(probs[i, c]) * float(mask[i])
+                    mass[c] += float(probs[i, c]) * (float(mask[i]) if posteriors == "confident" else 1.0)
             for k in y.tolist():
                 seen[k] += 1
         em.end_epoch()
@@ -240,3 +253,93 @@ def test_bad_priors_and_momenta_are_refused(cls):
         cls([0, 0, 0])
     with pytest.raises(ValueError, match="momentum"):
         cls([1, 2], momentum=1.0)
+
+
+def _long_tail(num_classes: int = 10, ratio: float = 10.0) -> torch.Tensor:
+    shares = torch.tensor([ratio ** (-k / (num_classes - 1)) for k in range(num_classes)])
+    return shares / shares.sum()  # (C,)
+
+
+def test_reference_mix_estimate_counts_a_class_once_per_step_and_moves_tau_less():
+    """Per step, the reference estimate is uniform over the classes predicted with confidence; on a mix like the
+    labeled one it keeps tau higher, and on a reversed one lower, than a true histogram does."""
+    acr = AdaptiveLogitAdjustment([4, 2, 1, 1], momentum=0.0)
+    acr.update(torch.tensor([0, 0, 0, 1, 2, 3]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
+    assert acr.unlabeled_prior.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    labeled = _long_tail()
+    taus = {}
+    for estimate in MIX_ESTIMATES:
+        for name, mix in (("consistent", labeled), ("reversed", labeled.flip(0))):
+            acr = AdaptiveLogitAdjustment(labeled * 1000, momentum=0.99, mix_estimate=estimate)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(300):  # a FixMatch step's 7 x 8 unlabeled images, 60 % of them confident
+                acr.update(
+                    torch.multinomial(mix, 56, replacement=True, generator=g),
+                    (torch.rand(56, generator=g) < 0.6).float(),
+                )
+            acr.end_epoch()
+            taus[estimate, name] = acr.tau.item()
+    assert taus["histogram", "consistent"] < taus["reference", "consistent"]
+    assert taus["reference", "reversed"] < taus["histogram", "reversed"]
+    with pytest.raises(ValueError, match="mix_estimate"):
+        AdaptiveLogitAdjustment([1, 2], mix_estimate="bincount")
+
+
+def test_acr_is_inert_under_a_uniform_labeled_prior():
+    assert AdaptiveLogitAdjustment([5, 5, 5]).inert and not AdaptiveLogitAdjustment([5, 4, 5]).inert
+    acr = AdaptiveLogitAdjustment([5, 5, 5], momentum=0.5)
+    acr.update(torch.tensor([0, 0, 0, 0, 2]), torch.ones(5))
+    acr.end_epoch()
+    # The anchors coincide: tau is a third of the way up whatever the mix, and the adjustment a constant.
+    assert acr.tau.item() == pytest.approx(2.0 / 3)
+    assert torch.allclose(acr.adjustment(), acr.adjustment()[0].expand(3))
+
+
+def test_em_warm_up_drops_the_first_epochs():
+    em = EMClassPrior([3, 1], momentum=0.5, warmup_steps=3)
+    probs, y = torch.tensor([[0.1, 0.9], [0.2, 0.8]]), torch.tensor([0])
+    for _ in range(2):
+        em.update(probs, torch.ones(2), y)
+    em.end_epoch()  # 2 steps < 3: nothing folded in, the sums dropped
+    assert em.unlabeled_prior.tolist() == [0.5, 0.5] and em.train_prior.tolist() == [0.75, 0.25]
+    assert em.unlabeled_mass.sum() == 0 and em.labeled_seen.sum() == 0
+    for _ in range(2):
+        em.update(probs, torch.ones(2), y)
+    em.end_epoch()  # 4 steps: the second epoch's sums are the first M-step
+    assert em.unlabeled_prior.tolist() == pytest.approx([0.5 * 0.5 + 0.5 * 0.15, 0.5 * 0.5 + 0.5 * 0.85])
+    with pytest.raises(ValueError, match="posteriors"):
+        EMClassPrior([1, 2], posteriors="some")
+
+
+def _simulated_simpro(posteriors: str, warmup_steps: int, seed: int) -> float:
+    """SimPro's estimator in a loop with a simulated network: TV of the final estimate from the true mix.
+
+    10 classes, the labeled stream long-tailed (ratio 10), the unlabeled images reversed; epochs of 20 steps of
+    4 labeled and 28 unlabeled images; E-step at tau = 2 with threshold 0.95. The network's logits are the
+    balanced log-likelihood ``a * onehot(y) + noise``, shifted by ``-(tau - 1) log pi`` (what training through
+    the logit-adjusted losses by the training prior ``pi`` makes of them), and ``a`` grows from 0 to 3 over the
+    first 200 steps: a network that learns.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labeled = _long_tail()
+    true = labeled.flip(0)
+    em = EMClassPrior(labeled * 100, momentum=0.9, posteriors=posteriors, warmup_steps=warmup_steps)
+    for step in range(600):
+        if step and step % 20 == 0:
+            em.end_epoch()
+        y = torch.multinomial(true, 28, replacement=True, generator=g)  # (28,)
+        logits = 3 * min(1.0, step / 200) * F.one_hot(y, 10) + torch.randn(28, 10, generator=g)
+        logits = logits - torch.log(em.train_prior)  # (tau - 1) log pi, tau = 2
+        probs = (logits + em.unlabeled_adjustment(2.0)).softmax(1)  # (28, 10) E-step
+        mask = (probs.max(1).values >= 0.95).float()
+        em.update(probs, mask, torch.multinomial(labeled, 4, replacement=True, generator=g))
+    em.end_epoch()
+    return 0.5 * (em.unlabeled_prior - true).abs().sum().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_em_estimate_over_all_posteriors_does_not_collapse(seed):
+    """The reference form (the confident posteriors, an M-step after every epoch) collapses onto a few classes;
+    the default (every posterior, a warm-up) recovers the reversed mix."""
+    assert _simulated_simpro("confident", 0, seed) > 0.5
+    assert _simulated_simpro("all", 200, seed) < 0.06
