@@ -3,7 +3,7 @@
 Embedding 110,000 images takes a while; a run that is killed should resume where it stopped, and nothing
 downstream (kNN, UMAP, export) should need the whole matrix in memory. The store is a folder::
 
-    features.npy     (N, D) float16 or float32 ``.npy`` file, written through a memmap
+    features.npy     (N, D) float16 or float32 ``.npy`` file
     probs.npy        (N, C) float32 class probabilities (always float32: they are exported with 3 decimals,
                      and float16's 11-bit mantissa would round some of them the wrong way)
     index.csv        one line per row: path (relative to the archive root), label (-1 = unlabeled), fold
@@ -15,13 +15,23 @@ downstream (kNN, UMAP, export) should need the whole matrix in memory. The store
 Rows are written in fixed chunks of ``chunk_rows``. A chunk is recorded as finished only after its rows are
 flushed to disk, so after a crash every chunk listed in ``progress.json`` is complete and every other chunk is
 simply written again.
+
+The store is keyed by the checkpoint's content (``checkpoint_sha256``, a hash of the checkpoint file), never by
+its path: a checkpoint overwritten in place is another checkpoint, and its embeddings are computed again.
+
+Rows are written with ordinary I/O (``os.pwrite``), not through a memory map: on a full disk a store written
+through a memory map dies by SIGBUS, without a word, while a write fails with ENOSPC and an error that names the
+file. Before the arrays are created the free space is checked against their size, so a store that cannot fit is
+refused at once rather than after an hour of embedding.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,12 +74,123 @@ def describe_path_difference(have: Iterable[str], want: Iterable[str], max_shown
     return "; ".join(parts)
 
 
+def _disk_error(path: Path, e: OSError) -> OSError:
+    """``e`` as an OSError naming ``path``, with the same errno (the command line maps ENOSPC to exit 1)."""
+    return OSError(e.errno, f"cannot write {path}: {e.strerror}")
+
+
+class _RowFile:
+    """A 2-D ``.npy`` file whose rows are written with ``os.pwrite`` at their offsets.
+
+    Args:
+        path: the file.
+        fd: an open read-write descriptor of it.
+        offset: where the data start (the length of the ``.npy`` header).
+        dtype: the element type.
+        shape: ``(rows, columns)``.
+    """
+
+    def __init__(self, path: Path, fd: int, offset: int, dtype: np.dtype, shape: tuple[int, int]):
+        self.path, self.fd, self.offset, self.dtype, self.shape = path, fd, offset, dtype, shape
+        self.row_bytes = shape[1] * dtype.itemsize
+
+    @classmethod
+    def create(cls, path: Path, dtype: str, shape: tuple[int, int]) -> _RowFile:
+        """A new file of zeros (sparse: nothing is allocated until rows are written)."""
+        dtype_ = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype_), "fortran_order": False, "shape": shape}
+        try:
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                offset = f.tell()
+                f.truncate(offset + shape[0] * shape[1] * dtype_.itemsize)
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise _disk_error(path, e) from None
+        return cls(path, fd, offset, dtype_, shape)
+
+    @classmethod
+    def reopen(cls, path: Path, dtype: str, shape: tuple[int, int]) -> _RowFile:
+        """An existing file, to resume writing it.
+
+        Raises:
+            DataError: when it is not a ``.npy`` file of this dtype and shape.
+        """
+        try:
+            existing = np.load(path, mmap_mode="r")  # read-only: only its header is looked at
+            fd = os.open(path, os.O_RDWR)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot reopen to resume ({e}); write to another folder") from None
+        if existing.shape != shape or existing.dtype != np.dtype(dtype) or not existing.flags.c_contiguous:
+            os.close(fd)
+            raise DataError(
+                f"{path}: shape {existing.shape} {existing.dtype}, expected {shape} {dtype}; "
+                "write to another folder"
+            )
+        return cls(path, fd, existing.offset, np.dtype(dtype), shape)
+
+    def unallocated_bytes(self) -> int:
+        """Bytes of the file not yet on disk (a new file is sparse)."""
+        st = os.fstat(self.fd)
+        return max(st.st_size - st.st_blocks * 512, 0)
+
+    def write(self, rows: np.ndarray, block: np.ndarray) -> None:
+        """Write ``block[i]`` to row ``rows[i]``; ``rows`` ascending (runs of consecutive rows are one write).
+
+        Raises:
+            OSError: naming the file, when the disk is full or the write fails.
+        """
+        block = np.ascontiguousarray(block, dtype=self.dtype)  # (B, columns)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # first index of each run of consecutive rows
+        for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
+            data = memoryview(block[a:b]).cast("B")
+            position = self.offset + int(rows[a]) * self.row_bytes
+            try:
+                while data:
+                    written = os.pwrite(self.fd, data, position)
+                    data, position = data[written:], position + written
+            except OSError as e:
+                raise _disk_error(self.path, e) from None
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise _disk_error(self.path, e) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _check_space(folder: Path, files: Sequence[_RowFile]) -> None:
+    """Refuse, naming the files, when the disk holding ``folder`` has less room than they still need.
+
+    Raises:
+        OSError: ENOSPC, with what is needed and what is free.
+    """
+    needed = sum(f.unallocated_bytes() for f in files)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        names = " and ".join(str(f.path) for f in files)
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space for {names}: {needed / 2**20:,.1f} MiB needed, {free / 2**20:,.1f} MiB free",
+        )
+
+
 class EmbeddingWriter:
     """Stream features and probabilities into a store folder, chunk by chunk, resuming a killed run.
 
     Typical use::
 
-        writer = EmbeddingWriter(out, n_rows=len(images), dim=512, num_classes=23, checkpoint=str(ckpt))
+        writer = EmbeddingWriter(
+            out, n_rows=len(images), dim=512, num_classes=23, checkpoint=str(ckpt), checkpoint_sha256=digest
+        )
         writer.write_index(images.path, images.label, images.fold)
         rows = writer.pending_rows()  # only what a previous run did not finish
         for batch in loader_over(rows):  # in the order of ``rows``
@@ -77,8 +198,8 @@ class EmbeddingWriter:
         writer.finalize()
 
     Opening a folder that holds an unfinished run with the same settings continues it; different settings
-    (size, dimension, dtype, checkpoint, chunk size) or a different image list are a DataError, never a silent
-    overwrite.
+    (size, dimension, dtype, checkpoint content, chunk size) or a different image list are a DataError, never a
+    silent overwrite.
 
     Args:
         out_dir: the store folder (created).
@@ -87,12 +208,15 @@ class EmbeddingWriter:
         num_classes: C, the number of classes of ``probs``.
         dtype: storage type of the features, float16 (half the disk, enough for cosine kNN) or float32.
         chunk_rows: rows per chunk, the unit of resumption.
-        checkpoint: the model checkpoint the embeddings come from (recorded; a resumed run must match it).
+        checkpoint: the path of the model checkpoint the embeddings come from (recorded, for the reader).
+        checkpoint_sha256: the hash of that checkpoint's bytes (:func:`ssl_kvasir.files.file_sha256`): what
+            the store is keyed by; a resumed run must match it.
 
     Raises:
         ConfigError: for a non-positive size or an unsupported dtype.
         DataError: when ``out_dir`` holds an unfinished run with other settings, or finished embeddings
             without their progress file.
+        OSError: ENOSPC naming the files, when the disk has less room than the arrays still need.
     """
 
     def __init__(
@@ -105,6 +229,7 @@ class EmbeddingWriter:
         *,
         chunk_rows: int = 4096,
         checkpoint: str = "",
+        checkpoint_sha256: str = "",
     ):
         self.out_dir = Path(out_dir)
         dtype_name = np.dtype(dtype).name
@@ -126,8 +251,9 @@ class EmbeddingWriter:
             "num_classes": int(num_classes),
             "dtype": dtype_name,
             "chunk_rows": int(chunk_rows),
-            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": str(checkpoint_sha256),
         }
+        self.checkpoint = str(checkpoint)
         self.n_rows, self.dim, self.num_classes = int(n_rows), int(dim), int(num_classes)
         self.chunk_rows = int(chunk_rows)
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
@@ -146,14 +272,15 @@ class EmbeddingWriter:
                     "write to another folder (nothing is deleted implicitly)"
                 )
             self._done: set[int] = set()
-            # A run killed before its first progress file left nothing worth keeping: "w+" recreates the arrays.
-            self._features = np.lib.format.open_memmap(
-                self.out_dir / FEATURES_FILE, mode="w+", dtype=dtype_name, shape=(self.n_rows, self.dim)
+            # A run killed before its first progress file left nothing worth keeping: the arrays are recreated.
+            self._features = _RowFile.create(
+                self.out_dir / FEATURES_FILE, dtype_name, (self.n_rows, self.dim)
             )
-            self._probs = np.lib.format.open_memmap(
-                self.out_dir / PROBS_FILE, mode="w+", dtype=np.float32, shape=(self.n_rows, self.num_classes)
+            self._probs = _RowFile.create(
+                self.out_dir / PROBS_FILE, "float32", (self.n_rows, self.num_classes)
             )
             self._save_progress()
+        _check_space(self.out_dir, [self._features, self._probs])
 
     def _resume(self, progress: Path) -> set[int]:
         try:
@@ -171,21 +298,11 @@ class EmbeddingWriter:
                 f"{self.out_dir} holds an embedding run with other settings ({'; '.join(differ)}); "
                 "write to another folder or remove that one"
             )
-        self._features = self._open_existing(FEATURES_FILE, self.settings["dtype"], (self.n_rows, self.dim))
-        self._probs = self._open_existing(PROBS_FILE, "float32", (self.n_rows, self.num_classes))
+        self._features = _RowFile.reopen(
+            self.out_dir / FEATURES_FILE, self.settings["dtype"], (self.n_rows, self.dim)
+        )
+        self._probs = _RowFile.reopen(self.out_dir / PROBS_FILE, "float32", (self.n_rows, self.num_classes))
         return {int(c) for c in done}
-
-    def _open_existing(self, name: str, dtype: str, shape: tuple[int, int]) -> np.memmap:
-        path = self.out_dir / name
-        try:
-            array = np.load(path, mmap_mode="r+")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot reopen to resume ({e}); write to another folder") from None
-        if array.shape != shape or array.dtype != np.dtype(dtype):
-            raise DataError(
-                f"{path}: shape {array.shape} {array.dtype}, expected {shape} {dtype}; write to another folder"
-            )
-        return array
 
     def _save_progress(self) -> None:
         atomic_write_json(
@@ -303,8 +420,8 @@ class EmbeddingWriter:
 
     def _mark_done(self, chunks: Iterable[int]) -> None:
         # Data first, then the record: a chunk listed in progress.json is always complete on disk.
-        self._features.flush()
-        self._probs.flush()
+        self._features.sync()
+        self._probs.sync()
         self._done.update(chunks)
         self._save_progress()
 
@@ -318,8 +435,9 @@ class EmbeddingWriter:
         """
         start, stop = self.chunk_range(chunk)
         features, probs = self._check_block(features, probs, stop - start)
-        self._features[start:stop] = features
-        self._probs[start:stop] = probs
+        rows = np.arange(start, stop)
+        self._features.write(rows, features)
+        self._probs.write(rows, probs)
         self._mark_done([chunk])
 
     def add(self, features: np.ndarray, probs: np.ndarray) -> None:
@@ -340,8 +458,8 @@ class EmbeddingWriter:
             )
         features, probs = self._check_block(features, probs, n)
         rows = self._add_rows[self._cursor : self._cursor + n]  # (B,) ascending, maybe across chunks
-        self._features[rows] = features
-        self._probs[rows] = probs
+        self._features.write(rows, features)
+        self._probs.write(rows, probs)
         self._cursor += n
         # Chunks whose last row lies before the cursor are complete.
         reached = self._add_rows[self._cursor - 1] + 1 if self._cursor else 0
@@ -375,14 +493,46 @@ class EmbeddingWriter:
             "num_classes": self.num_classes,
             "dtype": self.settings["dtype"],
             "probs_dtype": "float32",
-            "checkpoint": self.settings["checkpoint"],
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.settings["checkpoint_sha256"],
             "archive_fingerprint": self._fingerprint,
             "files": {"features": FEATURES_FILE, "probs": PROBS_FILE, "index": INDEX_FILE},
             "extra": dict(extra or {}),
         }
         path = self.out_dir / MANIFEST_FILE
         atomic_write_json(path, manifest)
+        self._features.close()
+        self._probs.close()
         return path
+
+
+def store_checkpoint(store_dir: str | os.PathLike) -> str | None:
+    """The ``checkpoint_sha256`` a store (finished or not) was computed from: ``""`` for a store that records
+    none (written before stores were keyed by content), None when ``store_dir`` holds no store.
+
+    Raises:
+        DataError: for a manifest or progress file that cannot be read.
+    """
+    for name, key in ((MANIFEST_FILE, None), (PROGRESS_FILE, "settings")):
+        path = Path(store_dir) / name
+        if not path.exists():
+            continue
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return str((saved[key] if key else saved).get("checkpoint_sha256", ""))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: unreadable ({e}); write to another folder") from None
+    return None
+
+
+def remove_store(store_dir: str | os.PathLike) -> None:
+    """Delete the files of an embedding store (only those; the folder and anything else in it stay).
+
+    The manifest goes first and the progress file last, so a store interrupted on the way is an unfinished
+    store of the old checkpoint, which is removed again, never a finished store with missing files.
+    """
+    for name in (MANIFEST_FILE, INDEX_FILE, FEATURES_FILE, PROBS_FILE, PROGRESS_FILE):
+        (Path(store_dir) / name).unlink(missing_ok=True)
 
 
 def _read_index(path: Path) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from ssl_kvasir.config import require
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.files import atomic_write_json, atomic_write_text
+from ssl_kvasir.files import atomic_write_json, atomic_write_text, file_sha256
 from ssl_kvasir.run.checkpoint import load_method, require_same_classes
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
 from ssl_kvasir.run.predict import Predictor
@@ -121,15 +121,42 @@ def embed(cfg: DictConfig, module=None, exp=None):
     Predicts through :class:`~ssl_kvasir.run.predict.Predictor` (the checkpoint's evaluation weights; device and
     autocast from ``trainer``). Memory stays bounded whatever the number of images (rows go to disk chunk by
     chunk) and a killed run resumes at its first unfinished chunk. Returns the loaded store.
+
+    The store is keyed by the checkpoint's content (a hash of the file), not its path: a store in the default
+    folder (``<output_dir>/embeddings``) made from other bytes, a checkpoint overwritten in place say, is
+    computed again; one named by ``embeddings=DIR`` is refused (DataError), since it was asked for by name.
     """
-    from ssl_kvasir.analysis.embeddings import MANIFEST_FILE, EmbeddingWriter, load_embeddings
+    from ssl_kvasir.analysis.embeddings import (
+        MANIFEST_FILE,
+        EmbeddingWriter,
+        load_embeddings,
+        remove_store,
+        store_checkpoint,
+    )
 
     if module is None:
         module, exp = load_checkpoint_and_data(cfg)
     images = exp.catalog.images
     store = store_dir(cfg)
-    if (store / MANIFEST_FILE).exists():
-        log.info("reusing the embeddings in %s", store)
+    digest = file_sha256(cfg.checkpoint)
+    made_from = store_checkpoint(store)
+    if made_from is not None and made_from != digest:
+        other = f"another checkpoint ({made_from})" if made_from else "a checkpoint it does not record"
+        if cfg.embeddings:
+            raise DataError(
+                f"embeddings={store} holds the embeddings of {other}, not of {cfg.checkpoint} ({digest}): "
+                "pass another embeddings=DIR, or delete that one"
+            )
+        log.warning(
+            "%s holds the embeddings of %s, not of %s (%s): computing them again",
+            store,
+            other,
+            cfg.checkpoint,
+            digest,
+        )
+        remove_store(store)
+    elif (store / MANIFEST_FILE).exists():
+        log.info("reusing the embeddings of %s (%s) in %s", cfg.checkpoint, digest, store)
         return load_embeddings(store, expected_paths=list(images.path))
     writer = EmbeddingWriter(
         store,
@@ -139,6 +166,7 @@ def embed(cfg: DictConfig, module=None, exp=None):
         dtype=cfg.embed.dtype,
         chunk_rows=cfg.embed.chunk_rows,
         checkpoint=str(Path(cfg.checkpoint).resolve()),
+        checkpoint_sha256=digest,
     )
     writer.write_index(images.path, images.label, images.fold)
     rows = writer.pending_rows()
@@ -434,6 +462,7 @@ def analyze(cfg: DictConfig) -> Analysis:
         summary,
         {
             "checkpoint": str(cfg.checkpoint),
+            "checkpoint_sha256": s.meta["checkpoint_sha256"],
             "eval_fold": analysis.eval_fold,
             "n_images": len(s),
             "n_unlabeled": int((s.labels < 0).sum()),

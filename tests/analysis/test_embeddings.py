@@ -117,14 +117,17 @@ def test_changed_archive_is_reported(tmp_path: Path) -> None:
 def test_resume_with_other_settings_or_images_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "emb"
     features, probs, paths, labels, folds = _data()
-    writer = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt")
+    writer = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt", checkpoint_sha256="sha256:a")
     writer.write_index(paths, labels, folds)
     writer.write_chunk(0, features[:CHUNK], probs[:CHUNK])
-    with pytest.raises(DataError, match="checkpoint: 'a.pt' there, 'b.pt' now"):
-        EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="b.pt")
+    # Keyed by the checkpoint's content: other bytes at the same path are refused, the same bytes elsewhere not.
+    with pytest.raises(DataError, match="checkpoint_sha256: 'sha256:a' there, 'sha256:b' now"):
+        EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt", checkpoint_sha256="sha256:b")
     with pytest.raises(DataError, match="dim: 8 there, 16 now"):
-        EmbeddingWriter(out, N, 16, C, chunk_rows=CHUNK, checkpoint="a.pt")
-    again = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt")
+        EmbeddingWriter(out, N, 16, C, chunk_rows=CHUNK, checkpoint="a.pt", checkpoint_sha256="sha256:a")
+    again = EmbeddingWriter(
+        out, N, D, C, chunk_rows=CHUNK, checkpoint="moved.pt", checkpoint_sha256="sha256:a"
+    )
     with pytest.raises(DataError, match="different image list \\(1 paths added"):
         again.write_index(paths[:-1] + ["other.jpg"], labels, folds)
     with pytest.raises(DataError, match="different order"):
@@ -166,3 +169,75 @@ def test_float32_store_keeps_exact_features(tmp_path: Path) -> None:
 def test_not_a_store(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not an embedding store"):
         load_embeddings(tmp_path)
+
+
+def test_store_is_keyed_by_checkpoint_content(tmp_path: Path) -> None:
+    """What a store was computed from is the hash it records; removing a store leaves the rest of its folder."""
+    from ssl_kvasir.analysis.embeddings import remove_store, store_checkpoint
+
+    out = tmp_path / "emb"
+    assert store_checkpoint(out) is None
+    features, probs, paths, labels, folds = _data()
+    writer = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint_sha256="sha256:a")
+    writer.write_index(paths, labels, folds)
+    assert store_checkpoint(out) == "sha256:a"  # unfinished: from progress.json
+    writer.add(features, probs)
+    writer.finalize()
+    assert store_checkpoint(out) == "sha256:a" == load_embeddings(out).meta["checkpoint_sha256"]
+    (out / "notes.txt").write_text("mine")
+    remove_store(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert store_checkpoint(out) is None
+
+
+FULL_DISK_SCRIPT = """
+import os
+import numpy as np
+from ssl_kvasir.analysis.embeddings import EmbeddingWriter
+
+disk = {disk!r}
+# A store larger than the disk is refused before any row is computed.
+try:
+    EmbeddingWriter(disk + "/big", n_rows=4096, dim=64, num_classes=5)  # 512 KiB of float16 features
+except OSError as e:
+    print("big:", e.errno, e)
+# A store that fits; then another file fills the disk and the next rows cannot be written.
+writer = EmbeddingWriter(disk + "/fits", n_rows=1024, dim=32, num_classes=5, chunk_rows=256)
+writer.write_index([f"{{i}}.jpg" for i in range(1024)])
+fd = os.open(disk + "/filler", os.O_CREAT | os.O_WRONLY)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:
+    pass
+try:
+    writer.add(np.ones((512, 32), np.float32), np.full((512, 5), 0.2, np.float32))
+except OSError as e:
+    print("fits:", e.errno, e)
+"""
+
+
+def test_a_full_disk_is_an_error_naming_the_file_never_a_sigbus(tmp_path: Path) -> None:
+    """On a small tmpfs (mounted in a user namespace): a store that cannot fit is refused at once, and a disk
+    that fills up while rows are written is an ENOSPC error naming the file (a memory-mapped store died by
+    SIGBUS, exit 135, with nothing on stderr)."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    script = FULL_DISK_SCRIPT.format(disk=str(disk))
+    mount = f'mount -t tmpfs -o size=256k tmpfs {disk} || exit 77; exec {sys.executable} -c "$0"'
+    try:
+        proc = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) to mount a small disk")
+    if proc.returncode == 77 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    big, fits = proc.stdout.splitlines()
+    assert big.startswith(f"big: 28 [Errno 28] not enough space for {disk}/big/features.npy and ")
+    assert "MiB needed" in big and "MiB free" in big
+    assert fits == f"fits: 28 [Errno 28] cannot write {disk}/fits/features.npy: No space left on device"
