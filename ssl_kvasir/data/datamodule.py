@@ -348,6 +348,21 @@ class KvasirDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.catalog.classes)
 
+    @property
+    def training_prior(self) -> np.ndarray:
+        """(C,) the class distribution of the labeled stream as the sampler draws it: the labeled set's class
+        shares under ``sampler=uniform``, the same share for every class that has labeled images under
+        ``class_balanced``.
+
+        This is the prior a model trained on the stream learns, so every component that corrects for the
+        training prior (logit adjustment, distribution alignment's target, ACR's anchors, SimPro's starting
+        prior) takes this one: correcting a class-balanced stream by the labeled set's counts would correct twice.
+        """
+        counts = np.bincount(self.streams["lb"].labels, minlength=self.num_classes).astype(np.float64)  # (C,)
+        if self.sampler == "class_balanced":
+            counts = (counts > 0).astype(np.float64)  # ClassBalancedSampler: each present class equally likely
+        return counts / counts.sum()
+
     def _current_epoch(self) -> int:
         """The epoch that the next training iterator serves, as Lightning numbers it for ``set_epoch``.
 

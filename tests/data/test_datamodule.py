@@ -134,3 +134,33 @@ def test_datamodule_serves_the_methods_streams(synth_archive):
     test = dm.transfer(next(iter(dm.test_dataloader())), "cpu")
     assert set(test) >= {"index", "pos", "path", "label", "eval"}
     assert (images.fold.to_numpy()[test["index"].numpy()] == 0).all()
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "class_balanced"])
+def test_training_prior_is_the_labeled_stream_as_sampled(synth_archive, sampler):
+    """The class distribution the labeled stream really has: the set's shares under the uniform sampler, the
+    same share for every present class under the class-balanced one (what its draws show)."""
+    from dataclasses import replace
+
+    catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
+    split = make_split(catalog, eval_fold=0, seed=0)
+    labels = catalog.images.label.to_numpy()
+    # A long tail: 3, 2 and 1 labeled images of the first three classes, none of the others.
+    rows = np.concatenate([split.labeled[labels[split.labeled] == c][:n] for c, n in enumerate((3, 2, 1))])
+    dm = KvasirDataModule(
+        catalog,
+        replace(split, labeled=rows),
+        image_size=32,
+        mean=MEAN,
+        std=STD,
+        num_workers=0,
+        sampler=sampler,
+    )
+    prior = dm.training_prior  # (C,)
+    assert prior.shape == (dm.num_classes,) and prior.sum() == pytest.approx(1.0)
+    expected = [3 / 6, 2 / 6, 1 / 6] if sampler == "uniform" else [1 / 3] * 3
+    assert prior[:3].tolist() == pytest.approx(expected) and not prior[3:].any()
+    drawn = dm._sampler("lb", dm.streams["lb"], seed=0)
+    drawn.num_samples = 6000
+    counts = np.bincount(labels[rows[[i for i, _ in drawn]]], minlength=dm.num_classes) / 6000
+    assert counts == pytest.approx(prior, abs=0.03)
