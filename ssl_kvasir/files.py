@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +22,10 @@ log = logging.getLogger("ssl_kvasir")
 
 LOCK_FILE = ".lock"
 
+# Errors of a full or failing disk. A write in the caller's body raises them as much as the final flush does,
+# and the OS's message ("No space left on device") names no file.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
@@ -29,7 +34,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     On any exception the temporary file is removed and ``path`` is left as it was.
 
     Raises:
-        OSError: naming ``path`` when its folder cannot be created or written.
+        OSError: naming ``path`` when its folder cannot be created or written, or when the disk is full (or
+            fails) while it is written, by the caller's writes or the final flush.
     """
     path = Path(path)
     try:
@@ -44,9 +50,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if (
+            isinstance(e, OSError)
+            and e.errno in DISK_ERRNOS
+            and not str(e.strerror).startswith("cannot write")
+        ):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
         raise
 
 

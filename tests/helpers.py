@@ -120,3 +120,28 @@ def wandb_records(run: Path) -> list:
             record.ParseFromString(pending)
             out.append(record)
     return out
+
+
+def on_a_small_disk(disk: Path, size: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``argv`` with a tmpfs of ``size`` (``256k``) mounted at the folder ``disk``, in a user and mount
+    namespace of its own (no root needed, nothing changes outside); the test is skipped where the system
+    cannot do that."""
+    import shlex
+
+    import pytest
+
+    disk.mkdir(parents=True, exist_ok=True)
+    script = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} || exit 77; exec {shlex.join(argv)}"
+    try:
+        proc = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) to mount a small disk")
+    if proc.returncode == 77 or proc.stderr.startswith("unshare: "):
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    return proc

@@ -94,3 +94,31 @@ def test_file_sha256_streams_the_whole_file(tmp_path: Path) -> None:
     assert file_sha256(path) == "sha256:" + hashlib.sha256(data).hexdigest()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit changed, same size and path
     assert file_sha256(path) != "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+WRITE_PAST_LIMIT = """
+import resource, signal
+from ssl_kvasir.files import atomic_write_json, atomic_write_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+for write in (lambda: atomic_write_text({path!r}, "x" * 100_000), lambda: atomic_write_json({path!r}, [0] * 50_000)):
+    try:
+        write()
+    except OSError as e:
+        print(e.errno, e)
+"""
+
+
+def test_a_write_that_hits_a_full_disk_names_the_file(tmp_path: Path) -> None:
+    """A disk error in the middle of an atomic write (here a file-size limit: EFBIG, as ENOSPC would be) is one
+    error naming the file, and the old file stays."""
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITE_PAST_LIMIT.format(path=str(path))], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = f"27 [Errno 27] cannot write {path}: File too large"
+    assert proc.stdout.splitlines() == [line, line]
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left

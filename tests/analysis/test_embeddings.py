@@ -218,24 +218,13 @@ except OSError as e:
 
 
 def test_a_full_disk_is_an_error_naming_the_file_never_a_sigbus(tmp_path: Path) -> None:
-    """On a small tmpfs (mounted in a user namespace): a store that cannot fit is refused at once, and a disk
-    that fills up while rows are written is an ENOSPC error naming the file (a memory-mapped store died by
-    SIGBUS, exit 135, with nothing on stderr)."""
+    """On a small tmpfs: a store that cannot fit is refused at once, and a disk that fills up while rows are
+    written is an ENOSPC error naming the file (a memory-mapped store died by SIGBUS, exit 135, with nothing on
+    stderr)."""
+    from helpers import on_a_small_disk  # here: the killed-run test imports this module in a bare process
+
     disk = tmp_path / "small_disk"
-    disk.mkdir()
-    script = FULL_DISK_SCRIPT.format(disk=str(disk))
-    mount = f'mount -t tmpfs -o size=256k tmpfs {disk} || exit 77; exec {sys.executable} -c "$0"'
-    try:
-        proc = subprocess.run(
-            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, script],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) to mount a small disk")
-    if proc.returncode == 77 or "unshare failed" in proc.stderr:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
+    proc = on_a_small_disk(disk, "256k", [sys.executable, "-c", FULL_DISK_SCRIPT.format(disk=str(disk))])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     big, fits = proc.stdout.splitlines()
     assert big.startswith(f"big: 28 [Errno 28] not enough space for {disk}/big/features.npy and ")

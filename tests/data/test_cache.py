@@ -406,3 +406,30 @@ def test_shrink_reduces_by_an_integer_factor_and_never_enlarges():
     assert shrink(Image.new("RGB", (1280, 1024)), 256).size == (320, 256)
     small = Image.new("RGB", (40, 30))
     assert shrink(small, 64) is small
+
+
+def test_prepare_on_a_full_disk_is_one_line_naming_the_shard(synth_archive, tmp_path):
+    """A cache folder on a disk that fills up: exit 1 (the machine, not the input), one line naming the shard
+    file that could not be written (the OS's message names none), no traceback."""
+    import sys
+
+    from helpers import on_a_small_disk
+
+    disk = tmp_path / "small_disk"
+    cache = disk / "cache"
+    argv = [
+        sys.executable,
+        "-m",
+        "ssl_kvasir.cli",
+        "prepare",
+        "--root",
+        str(synth_archive),
+        "--cache",
+        str(cache),
+    ]
+    proc = on_a_small_disk(disk, "256k", [*argv, "--size", "64", "--workers", "0", "--no-progress"])
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-kvasir prepare:")]
+    assert line.startswith(f"ssl-kvasir prepare: error: [Errno 28] cannot write {cache}/shard-")
+    assert line.endswith(".bin: No space left on device")
