@@ -187,3 +187,98 @@ def test_label_studio_sdk_accepts_the_tasks(tmp_path):
     for task in json.loads(path.read_text()):
         assert interface.validate_task(task)
         assert interface.validate_prediction(task["predictions"][0])
+
+
+# -- the round trip through the real CLI ----------------------------------------------------------------------
+
+TINY = [
+    "backbone=test_resnet",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.steps_per_epoch=2",
+    "trainer.max_steps=4",
+    "trainer.progress_bar=false",
+    "logger=csv",
+]
+
+
+@pytest.mark.slow
+def test_label_studio_round_trip_through_the_cli(synth_archive, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from ssl_kvasir.cli import main
+    from ssl_kvasir.data.archive import load_catalog
+    from ssl_kvasir.run.train import StageRunner
+
+    data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
+    fit = tmp_path / "fit"
+    assert main(["fit", "method=supervised", f"output_dir={fit}", *data, *TINY]) == 0
+    checkpoint = Path(json.loads((fit / "results.json").read_text())["checkpoint"])
+    checkpoint = checkpoint if checkpoint.is_absolute() else fit / checkpoint
+    out = tmp_path / "export"
+    common = [
+        f"checkpoint={checkpoint}",
+        f"output_dir={out}",
+        *data,
+        "data.num_workers=0",
+        "select.order=review",
+    ]
+    assert main(["export-pseudo-labels", *common, "format=label-studio"]) == 0
+    assert main(["export-pseudo-labels", *common, f"output={out / 'ordered.csv'}"]) == 0
+    tasks = json.loads((out / "pseudo_labels.json").read_text())
+    assert ET.fromstring((out / "pseudo_labels.label_config.xml").read_text()).tag == "View"
+    ordered = pd.read_csv(out / "ordered.csv")
+    # One task per unlabeled image, in review order, its prediction and confidence those of the CSV export.
+    assert [t["data"]["path"] for t in tasks] == ordered.path.tolist() and len(tasks) == 60
+    assert [t["predictions"][0]["score"] for t in tasks] == ordered.confidence.tolist()
+    choices = [t["predictions"][0]["result"][0]["value"]["choices"][0] for t in tasks]
+    assert choices == ordered.predicted_class.tolist()
+
+    # A clinician's session in Label Studio: task 1 corrected, task 2 skipped, the rest left as predicted.
+    corrected = HYPERKVASIR_CLASSES[(HYPERKVASIR_CLASSES.index(choices[0]) + 1) % 23].folder
+    for i, task in enumerate(tasks, start=1):
+        task |= {"id": i, "project": 1, "annotations": [], "drafts": [], "meta": {}}
+    tasks[0]["annotations"] = [_annotation(corrected)]
+    tasks[1]["annotations"] = [_annotation(choices[1], cancelled=True)]
+    exported = tmp_path / "project-1-at-2026-12-07.json"
+    exported.write_text(json.dumps(tasks))
+
+    stages = []
+    fit_stage = StageRunner.fit_stage
+
+    def spy(self, out, pseudo_labeled=None, **kwargs):
+        stages.append(pseudo_labeled)
+        return fit_stage(self, out, pseudo_labeled=pseudo_labeled, **kwargs)
+
+    monkeypatch.setattr(StageRunner, "fit_stage", spy)
+    st = ["fit", "method=self_training", "method.rounds=1", *data, *TINY]
+    assert main([*st, f"output_dir={tmp_path / 'st'}", f"method.pseudo.file={exported}"]) == 0
+    paths = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv").images.path.tolist()
+    rows, targets = stages[0]
+    labels = {paths[r]: int(t.argmax()) for r, t in zip(rows.tolist(), targets, strict=True)}
+    assert len(labels) == 59 and tasks[1]["data"]["path"] not in labels  # the skipped task is left out
+    assert labels[tasks[0]["data"]["path"]] == HYPERKVASIR_CLASSES.index(corrected)
+    assert labels[tasks[2]["data"]["path"]] == HYPERKVASIR_CLASSES.index(choices[2])
+
+    # An unknown class, or an image outside the pool, is refused in one line (exit 2), as for the CSV formats.
+    capsys.readouterr()
+    for n, (edit, message) in enumerate(
+        [
+            (
+                lambda t: t[0].__setitem__("annotations", [_annotation("not-a-class")]),
+                "class 'not-a-class' is not",
+            ),
+            (
+                lambda t: t[2]["data"].__setitem__("path", "elsewhere/x.jpg"),
+                "'elsewhere/x.jpg' matches no image",
+            ),
+        ]
+    ):
+        bad = json.loads(exported.read_text())
+        edit(bad)
+        exported.write_text(json.dumps(bad))
+        assert main([*st, f"output_dir={tmp_path / f'refused{n}'}", f"method.pseudo.file={exported}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err and str(exported) in err
+        exported.write_text(json.dumps(tasks))
