@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 from harness import best_of, closing_line, parser
 
+from ssl_kvasir.names import LabelBudget
+from ssl_kvasir.run.folder import RESULTS_FORMAT
+
 METHODS = ("supervised", "fixmatch", "self_training", "flexmatch")
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 FOLDS = (0, 1)
@@ -39,14 +42,14 @@ def make_results(root: Path, n_files: int, seed: int = 0) -> list[Path]:
         cm = rng.integers(0, 30, (23, 23)) + np.diag(rng.integers(50, 400, 23))  # (C, C)
         metrics = {k: float(rng.uniform(0.3, 0.95)) for k in METRIC_KEYS}
         results = {
+            "format": RESULTS_FORMAT,
             "method": method,
             "backbone": "resnet18",
             "system": None,
             "fold": fold,
             "seed": run_seed,
             "data_seed": run_seed,
-            "label_fraction": fraction,
-            "labels_per_class": None,
+            "label_budget": LabelBudget("fraction", fraction).record(),
             "n_labeled": 532,
             "n_unlabeled": 99417,
             "n_val": 530,
@@ -94,7 +97,7 @@ def naive_curves(root: Path, metrics: tuple[str, ...]) -> pd.DataFrame:
         row = {
             "method": results["method"],
             "backbone": results["backbone"],
-            "label_fraction": results["label_fraction"],
+            "label_fraction": results["label_budget"]["amount"],
             **{m: results["metrics"][m] for m in metrics},
         }
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)

@@ -47,7 +47,7 @@ def prepared(out: Path, per_class: int, unlabeled: int):
     root = make_synthetic_archive(out / "archive", per_class=per_class, unlabeled=unlabeled, seed=0)
     catalog = load_catalog(root, split_file=root / "2_fold_split.csv")
     prepare_cache(root, list(catalog.images.path), out / "cache", size=CACHE_SIZE, progress=False)
-    split = make_split(catalog, eval_fold=0, val_fraction=0.0, label_fraction=1.0, seed=0)
+    split = make_split(catalog, eval_fold=0, val_fraction=0.0, seed=0)  # every label
     return catalog, split, ImageCache(out / "cache")
 
 

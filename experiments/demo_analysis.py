@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ssl_kvasir.errors import DataError, SslKvasirError
 from ssl_kvasir.files import atomic_write_json
+from ssl_kvasir.run.folder import read_results
 from ssl_kvasir.study.report import render_markdown, write_report
-from ssl_kvasir.study.results import find_results_files, read_results
+from ssl_kvasir.study.results import find_results_files
 
 
 def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
@@ -29,8 +30,8 @@ def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
     """
     candidates = []
     for path in sorted(find_results_files([runs_dir])):
-        results = read_results(path, ("method", "backbone", "fold", "metrics", "val_metrics", "checkpoint"))
-        if results["val_metrics"] is None:
+        results = read_results(path)
+        if results.get("val_metrics") is None:
             print(f"note: {path.parent} has no validation images to be chosen by (its label budget)")
             continue
         candidates.append((results["val_metrics"][metric], path, results))
@@ -40,11 +41,11 @@ def best_run(runs_dir: Path, metric: str = "mcc") -> dict:
     return {
         "results": str(path),
         "run_dir": str(path.parent),
-        "checkpoint": results["checkpoint"],
+        # The record names it relative to the run's folder.
+        "checkpoint": str(path.parent / results["checkpoint"]),
         "method": results["method"],
         "backbone": results["backbone"],
-        "label_fraction": results["label_fraction"],
-        "labels_per_class": results["labels_per_class"],
+        "label_budget": results["label_budget"],
         "fold": results["fold"],
         "selected_by": f"validation {metric}",
         "val_metrics": results["val_metrics"],
@@ -66,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo_analysis: error: {e}", file=sys.stderr)
         return 2
     atomic_write_json(a.out / "best_run.json", best)
-    if best["labels_per_class"] is None:
-        budget = f"{100 * best['label_fraction']:g} % of the labels"
-    else:
-        budget = f"{best['labels_per_class']} labels per class"
+    kind, amount = best["label_budget"]["kind"], best["label_budget"]["amount"]
+    budget = f"{100 * amount:g} % of the labels" if kind == "fraction" else f"{amount} labels per class"
     print(
         f"\nbest run: {best['method']} {best['backbone']} with {budget}, fold {best['fold']}: "
         f"validation MCC {best['val_metrics']['mcc']:.4f}, evaluation MCC {best['metrics']['mcc']:.4f}\n  checkpoint {best['checkpoint']}\n-> {a.out / 'best_run.json'}"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import SslKvasirError
-from ssl_kvasir.run.guard import FitInterrupted
+from ssl_kvasir.run.folder import RunFolder
+from ssl_kvasir.run.guard import FitInterrupted, Requeued
 
 
 def _check(argv: list[str]) -> int:
@@ -317,28 +318,31 @@ def _setup_logging() -> None:
 
 
 def _fit(argv: list[str]) -> int:
-    from ssl_kvasir.config import compose, validate
+    from ssl_kvasir.config import check_inputs, compose, validate
 
     cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit"))
     validate(cfg)  # before the import below, which imports torch: a bad value is refused at once
+    check_inputs(cfg, ("output_dir", "data.root"))
     from ssl_kvasir.run.train import fit
 
     _setup_logging()
     results = fit(cfg)
-    _print_metrics(results, Path(cfg.output_dir))
+    _print_metrics(results, RunFolder(Path(cfg.output_dir)).results)
     return 0
 
 
 def _evaluate(argv: list[str]) -> int:
-    from ssl_kvasir.config import compose, validate
+    from ssl_kvasir.config import CHECKPOINT_RULES, check_inputs, compose, validate
 
-    cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir evaluate"))
-    validate(cfg)
+    # configs/evaluate.yaml: what the checkpoint was trained with is null there, "the checkpoint's".
+    cfg = compose("evaluate", _hydra_overrides(argv, "ssl-kvasir evaluate"))
+    validate(cfg, CHECKPOINT_RULES)
+    check_inputs(cfg, ("checkpoint", "output_dir", "data.root"))
     from ssl_kvasir.run.train import evaluate
 
     _setup_logging()
     results = evaluate(cfg)
-    _print_metrics(results, Path(cfg.output_dir))
+    _print_metrics(results, RunFolder(Path(cfg.output_dir)).evaluation)
     return 0
 
 
@@ -347,7 +351,7 @@ def _analysis_command(step: str):
     configs/analyze.yaml."""
 
     def run(argv: list[str]) -> int:
-        from ssl_kvasir.config import ANALYZE_RULES, compose, validate
+        from ssl_kvasir.config import CHECKPOINT_RULES, check_inputs, compose, validate
 
         if any(a in ("-h", "--help") for a in argv):
             print(
@@ -357,7 +361,8 @@ def _analysis_command(step: str):
             )
             return 0
         cfg = compose("analyze", argv)
-        validate(cfg, ANALYZE_RULES)
+        validate(cfg, CHECKPOINT_RULES)
+        check_inputs(cfg, ("checkpoint", "data.root"))
         from ssl_kvasir.run import analyze
 
         _setup_logging()
@@ -383,16 +388,24 @@ def _analysis_command(step: str):
     return run
 
 
-def _print_metrics(results: dict, out: Path) -> None:
+def _print_metrics(results: dict, record: Path) -> None:
+    """One line of the record's figures (those it has), and where the record is."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from ssl_kvasir.names import METRIC_LABELS
 
     if getattr(rank_zero_only, "rank", 0) != 0:
         return  # under DDP every process returns the results; one prints them
     m = results["metrics"]
+    shown = "  ".join(
+        f"{METRIC_LABELS[k]} {m[k]:.4f}"
+        for k in ("mcc", "macro_f1", "micro_f1", "balanced_accuracy")
+        if k in m
+    )
+    weights = f", {results['metrics_weights']} weights" if results.get("metrics_weights") else ""
     print(
-        f"{results['method']} {results['backbone']} fold {results['fold']} ({results['n_labeled']} labeled, "
-        f"{results['metrics_weights']} weights): MCC {m['mcc']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-        f"micro-F1 {m['micro_f1']:.4f}  balanced acc {m['balanced_accuracy']:.4f}\n-> {out / 'results.json'}"
+        f"{results['method']} {results['backbone']} fold {results['fold']} ({results['n_labeled']} labeled"
+        f"{weights}): {shown}\n-> {record}"
     )
 
 
@@ -418,7 +431,8 @@ def _composition(argv: list[str]) -> int:
 
 
 def _curves(argv: list[str]) -> int:
-    from ssl_kvasir.study.curves import CURVE_METRICS, load_runs, open_wandb_run, wandb_project, write_curves
+    from ssl_kvasir.run.tracking import open_curves_run
+    from ssl_kvasir.study.curves import CURVE_METRICS, load_runs, wandb_project, write_curves
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir curves",
@@ -444,7 +458,7 @@ def _curves(argv: list[str]) -> int:
     run, logged = None, ""
     if a.wandb:
         project, entity = wandb_project(load_runs(a.runs, a.metrics), a.wandb_project)
-        run = open_wandb_run(project, entity, a.out)
+        run = open_curves_run(project, entity, a.out)
         logged = f"-> W&B run {run.name} in project {project} ({run.settings.mode}): label_efficiency/table, /curves"
     try:
         report = write_curves(a.runs, a.out, metrics=a.metrics, wandb_run=run)
@@ -539,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     handler, _ = COMMANDS[name]
     try:
         return handler(rest) or 0
-    except FitInterrupted as e:
+    except (FitInterrupted, Requeued) as e:
         _error_line(name, e, "")
         return e.status
     except KeyboardInterrupt:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssl_kvasir import names
 from ssl_kvasir.errors import ConfigError
+from ssl_kvasir.names import LabelBudget
 
 
 def config_dir() -> Path:
@@ -23,8 +25,13 @@ def config_dir() -> Path:
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with ``key=value`` overrides, in struct mode.
 
+    Every key must be one the configs declare. Hydra's ``+key=value`` (and ``++``) would add a key that is not
+    there, which nothing reads: it is taken only for a config group (``+experiment=NAME``), and refused for a
+    value like a misspelt key is.
+
     Raises:
-        ConfigError: for an unknown key, an unknown group option (listing the valid ones) or a bad override.
+        ConfigError: for an unknown key (with the nearest known one), an unknown group option (listing the
+            valid ones) or a bad override.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -37,9 +44,50 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).strip()) from None
+        message = str(e).strip()
+        # Hydra's advice for a key it does not know is to add it with '+', which nothing would read.
+        if message.startswith("Could not override '") and "+" in message:
+            key = message.split("'")[1]
+            others = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
+            raise ConfigError(_unknown_key(key, config_name, others)) from None
+        raise ConfigError(message) from None
+    added = {o.lstrip("+").split("=")[0]: o for o in overrides if o.startswith("+")}
+    values = {k: o for k, o in added.items() if not (config_dir() / k.replace(".", "/")).is_dir()}
+    if values:
+        others = [o for o in overrides if o not in values.values()]
+        known = _keys(compose(config_name, others))
+        unknown = [k for k in values if k not in known]  # '++' on a key that exists only sets it
+        if unknown:
+            raise ConfigError(
+                "; ".join(_unknown_key(k, config_name, others) for k in unknown)
+                + " ('+' adds a key that nothing reads; set a key that exists without it)"
+            )
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _unknown_key(key: str, config_name: str, overrides: list[str]) -> str:
+    """``KEY is not a key of configs/<config_name>.yaml`` and the nearest key it has, if one is close;
+    ``overrides`` are the other overrides (they choose the groups whose keys are known)."""
+    import difflib
+
+    known = []
+    with contextlib.suppress(ConfigError):  # another bad override: no suggestion, the key is still unknown
+        known = _keys(compose(config_name, overrides))
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"{key} is not a key of configs/{config_name}.yaml or its groups{hint}"
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cfg``, leaves and sections."""
+    keys = []
+    for k in cfg:
+        keys.append(f"{prefix}{k}")
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            keys += _keys(node, f"{prefix}{k}.")
+    return keys
 
 
 def require(cfg: DictConfig, *keys: str) -> None:
@@ -131,6 +179,17 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Paths:
+    """A list of paths, in brackets (``key=[a.csv,b.csv]``): a bare ``key=a.csv`` is a string, which would be
+    read one character at a time, and ``key=5`` a number."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+            return None
+        return f"must be a list of paths in brackets ([A,B], [] for none), got {value!r}"
+
+
+@dataclass(frozen=True)
 class Devices:
     """Lightning's ``devices``: ``auto``, a count (-1: all), a list of device indices or ``"0,1"``."""
 
@@ -150,7 +209,7 @@ class Devices:
         return f"must be auto, a number of devices (-1: all) or a list of device indices, got {value!r}"
 
 
-Rule = Number | Choice | Flag | Text | Devices
+Rule = Number | Choice | Flag | Text | Paths | Devices
 FRACTION = Number(0, 1)
 PROBABILITY_OPEN = Number(0, 1, high_open=True)
 NON_NEGATIVE = Number(0)
@@ -208,7 +267,7 @@ RULES: dict[str, Rule] = {
     ),
     "trainer.channels_last": Flag(),
     "trainer.monitor": Text(),
-    "trainer.selection": Choice(("later", "earlier", "final")),
+    "trainer.selection": Choice(names.SELECTION_RULES),
     "trainer.min_val_size": COUNT,
     "trainer.log_every_n_steps": COUNT,
     "trainer.progress_bar": Flag(),
@@ -239,6 +298,10 @@ RULES: dict[str, Rule] = {
     "method.masking": Choice(names.MASKINGS),
     "method.alignment": Choice(names.ALIGNMENTS),
     "method.teacher": Choice(names.TEACHERS),
+    "method.ema_p": PROBABILITY_OPEN,
+    "method.n_sigma": Number(0, low_open=True),
+    "method.lambda_f": NON_NEGATIVE,
+    "method.unsup_warmup": FRACTION,
     "method.rounds": SIZE,
     "method.noise.drop_rate": PROBABILITY_OPEN,
     "method.noise.drop_path_rate": PROBABILITY_OPEN,
@@ -254,8 +317,13 @@ RULES: dict[str, Rule] = {
     "method.ema_u": FRACTION,
     "method.est_epoch": SIZE,
     "method.scale_labeled_loss": Flag(),
+    "method.mix_estimate": Choice(names.MIX_ESTIMATES),
+    "method.em_posteriors": Choice(names.EM_POSTERIORS),
+    "method.em_warmup_steps": SIZE,
     # The analysis commands (configs/analyze.yaml).
     "checkpoint": Text(nullable=True),
+    "predictions": Paths(),
+    "knn.neighbours_of": Paths(),
     "format": Choice(("ssl_kvasir", "authors", "label-studio")),
     "embed.dtype": Choice(("float16", "float32")),
     "embed.chunk_rows": COUNT,
@@ -294,8 +362,44 @@ RULES: dict[str, Rule] = {
     "label_issues.folds": Number(2, integer=True),
     "label_issues.regularization": Number(0, low_open=True),
 }
-# In the analysis config null means "the size the checkpoint was trained at".
-ANALYZE_RULES: dict[str, Rule] = {**RULES, "data.image_size": Number(1, integer=True, nullable=True)}
+CHECKPOINT_SETTINGS = (
+    "data.fold",
+    "data.image_size",
+    "data.label_fraction",
+    "data.labels_per_class",
+    "data.val_policy",
+    "data.val_fraction",
+    "data.seed",
+)
+"""What a checkpoint was trained with, which the commands that apply a checkpoint (evaluate, embed, analyze,
+export-pseudo-labels) take from it when left null (``ssl_kvasir.run.checkpoint.adopt_checkpoint_settings``)."""
+
+
+def _or_null(rule: Rule) -> Rule:
+    return Choice((None, *rule.values)) if isinstance(rule, Choice) else replace(rule, nullable=True)
+
+
+# The configs of the commands that apply a checkpoint: null means "the checkpoint's".
+CHECKPOINT_RULES: dict[str, Rule] = {**RULES, **{k: _or_null(RULES[k]) for k in CHECKPOINT_SETTINGS}}
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The settings of ``configs/method/<name>.yaml`` with the files its defaults list extends (``common``,
+    ``fixmatch``...), merged in the list's order as Hydra does, as plain values. The YAML is where a method's
+    defaults live: :meth:`ssl_kvasir.methods.BaseMethod.from_config` fills a setting it is not given from here.
+
+    Raises:
+        ConfigError: when the file does not exist.
+    """
+    path = config_dir() / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: method {name!r} has no config")
+    own = OmegaConf.load(path)
+    entries = list(own.pop("defaults", []))
+    merged = OmegaConf.create()
+    for entry in entries if "_self_" in entries else [*entries, "_self_"]:
+        merged = OmegaConf.merge(merged, own if entry == "_self_" else method_defaults(str(entry)))
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def method_names() -> list[str]:
@@ -322,10 +426,61 @@ def validate(cfg: DictConfig, rules: dict[str, Rule] = RULES) -> None:
     if name is not None and name not in method_names():
         problems.append(f"method.name must be one of {', '.join(method_names())}, got {name!r}")
     d = cfg.get("data") or {}
-    if d.get("label_fraction") is not None and d.get("labels_per_class") is not None:
-        problems.append("set only one of data.label_fraction and data.labels_per_class (the other to null)")
-    elif "label_fraction" in d and d.get("label_fraction") is None and d.get("labels_per_class") is None:
-        problems.append("set data.label_fraction or data.labels_per_class")
+    fraction, per_class = d.get("label_fraction"), d.get("labels_per_class")
+    # The label budget, checked here once (a range problem of either key is already named above); under
+    # CHECKPOINT_RULES both may be null: the checkpoint's budget.
+    budget_named = any(p.startswith(("data.label_fraction ", "data.labels_per_class ")) for p in problems)
+    from_checkpoint = rules is CHECKPOINT_RULES and fraction is None and per_class is None
+    if "label_fraction" in d and not budget_named and not from_checkpoint:
+        try:
+            LabelBudget.from_settings(fraction, per_class)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_inputs(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
+    """The keys a command cannot do without, and the files and folders it names, checked right after
+    :func:`validate` and before anything heavy is imported: a checkpoint that is a folder or a prediction file
+    that is not there costs a second, not a model load and an embedding.
+
+    Args:
+        cfg: the composed config.
+        required: keys that must have a value.
+
+    Raises:
+        ConfigError: one line naming every key that is missing, or names a path of the wrong kind.
+    """
+    problems = [
+        f"missing value for {k} (pass {k}=...)" for k in required if _lookup(cfg, k) in (_ABSENT, None)
+    ]
+    value = {k: _lookup(cfg, k) for k in ("checkpoint", "output_dir", "output", "predictions")}
+    if value["output"] is None and value["output_dir"] is None and "output" in cfg:
+        problems.append("missing value for output_dir (pass output_dir=DIR)")
+    if isinstance(value["checkpoint"], str):
+        path = Path(value["checkpoint"])
+        if path.is_dir():
+            problems.append(
+                f"checkpoint={path} is a folder: name a checkpoint file (e.g. {path / 'checkpoints' / 'best.ckpt'})"
+            )
+        elif not path.exists():
+            problems.append(f"checkpoint={path} does not exist")
+    for key, folder in (("output_dir", value["output_dir"]), ("output", value["output"])):
+        if not isinstance(folder, str):
+            continue
+        path = Path(folder)
+        if key == "output" and path.is_dir():
+            problems.append(
+                f"output={path} is a folder: name the file to write (e.g. {path / 'pseudo_labels.csv'})"
+            )
+            continue
+        # The folder itself (output_dir) or the file's folder (output) must be a folder wherever it exists.
+        blocker = next((p for p in [path, *path.parents][key == "output" :] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            problems.append(f"{key}={path}: {blocker} is a file, not a folder")
+    if isinstance(value["predictions"], list):
+        problems += [f"predictions: {p} is not a file" for p in value["predictions"] if not Path(p).is_file()]
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -120,13 +120,12 @@ class LabelBudget:
         return {"kind": self.kind, "amount": amount, "id": self.id}
 
 
-def budget_id(label_fraction: float | None, labels_per_class: int | None) -> str:
-    """:attr:`LabelBudget.id` of the budget the two settings name."""
-    return LabelBudget.from_settings(label_fraction, labels_per_class).id
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+EVERY_LABEL = LabelBudget(FRACTION, 1.0)
+"""Every labeled training image."""
 
 
 def backbone_id(name: str, head: str) -> str:
@@ -152,23 +151,12 @@ MASKINGS = ("fixed", "flexmatch", "freematch", "softmatch")
 """``method.masking``: which pseudo-labels count and how much (``ssl_kvasir.pseudo_labels.masking.MASKINGS``)."""
 ALIGNMENTS = (None, "labeled", "uniform")
 """``method.alignment``: distribution alignment of the weak predictions, or none (null)."""
-
-
-# ---- Enumerated choices of the methods ---------------------------------------------------------------------
-# The allowed values of the method settings, spelt once: ``config.RULES`` checks a config against them before
-# torch is imported, and the code that acts on a value imports the same tuple (the registries are keyed by it;
-# tests/test_config.py ties each registry to its tuple).
-OPTIMIZERS = ("sgd", "adamw")
-"""``method.optimizer``: SGD with (Nesterov) momentum, or AdamW."""
-SCHEDULES = ("cosine", "constant")
-"""``method.schedule``: FixMatch's cosine decay, or a constant rate (each after an optional warm-up)."""
-EVAL_WEIGHTS = ("ema", "model")
-"""``method.eval_weights``: the averaged or the live weights predict."""
-LABELED_LOSSES = ("ce", "logit_adjusted")
-"""``method.loss``: cross-entropy, or Menon et al.'s logit-adjusted cross-entropy."""
-TEACHERS = ("model", "ema")
-"""``method.teacher``: which weights label the weak view (FixMatch and its variants)."""
-MASKINGS = ("fixed", "flexmatch", "freematch", "softmatch")
-"""``method.masking``: which pseudo-labels count and how much (``ssl_kvasir.pseudo_labels.masking.MASKINGS``)."""
-ALIGNMENTS = (None, "labeled", "uniform")
-"""``method.alignment``: distribution alignment of the weak predictions, or none (null)."""
+MIX_ESTIMATES = ("reference", "histogram")
+"""``method.mix_estimate`` (ACR): a step's confident predictions count each class at most once (the official
+code) or each one (a histogram)."""
+EM_POSTERIORS = ("all", "confident")
+"""``method.em_posteriors`` (SimPro): the M-step averages every unlabeled posterior, or only the confident ones
+(the reference code)."""
+SELECTION_RULES = ("later", "earlier", "final")
+"""``trainer.selection``: the best validation score with a tie going to the later or the earlier checkpoint, or
+the final weights (``ssl_kvasir.run.selection``)."""

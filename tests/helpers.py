@@ -122,6 +122,28 @@ def wandb_records(run: Path) -> list:
     return out
 
 
+def results_record(**fields) -> dict:
+    """A results record of this version (``ssl_kvasir.run.folder.read_results`` accepts it), of two classes;
+    ``fields`` replace or add to its own."""
+    from ssl_kvasir.run.folder import RESULTS_FORMAT
+
+    return {
+        "format": RESULTS_FORMAT,
+        "method": "fixmatch",
+        "backbone": "test_resnet",
+        "fold": 0,
+        "seed": 0,
+        "data_seed": 0,
+        "label_budget": {"kind": "fraction", "amount": 0.1, "id": "frac0.1"},
+        "n_labeled": 2,
+        "classes": ["a", "b"],
+        "metrics": {"mcc": 0.5, "macro_f1": 0.5, "micro_f1": 0.5},
+        "confusion_matrix": [[1, 0], [0, 1]],
+        "config": {"logger": {"kind": "csv"}},
+        **fields,
+    }
+
+
 def on_a_small_disk(disk: Path, size: str, argv: list[str]) -> subprocess.CompletedProcess:
     """Run ``argv`` with a tmpfs of ``size`` (``256k``) mounted at the folder ``disk``, in a user and mount
     namespace of its own (no root needed, nothing changes outside); the test is skipped where the system

@@ -7,6 +7,7 @@ imported, so in about a second.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ssl_kvasir import cli
-from ssl_kvasir.config import ANALYZE_RULES, compose, method_names, validate
+from ssl_kvasir.config import CHECKPOINT_RULES, compose, method_names, validate
 from ssl_kvasir.errors import ConfigError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -62,7 +63,18 @@ def bad_inputs(synth_archive: Path, tmp_path_factory: pytest.TempPathFactory) ->
     shutil.copy(damaged, run / "checkpoints" / "last.ckpt")
     a_file = tmp / "a_file"
     a_file.write_text("x")
-    return {"split": split, "damaged": damaged, "run": run, "file": a_file}
+    # A weights file holding a Python object besides tensors (as a pickle payload does): never unpickled.
+    import torch
+
+    payload = tmp / "payload.pth"
+    torch.save({"conv1.weight": datetime.date(2020, 1, 1)}, payload)
+    return {
+        "split": split,
+        "damaged": damaged,
+        "run": run,
+        "file": a_file,
+        "payload": payload,
+    }
 
 
 # (command, arguments, exit status, what the one line must name); {root}, {split}, {out} and the keys of the
@@ -117,6 +129,51 @@ CASES = [
     ),
     ("check", ["--root", "{tmp}/nowhere"], 2, ["nowhere"]),
     ("prepare", ["--root", "{root}", "--cache", "{out}/cache", "--size", "0"], 2, ["size"]),
+    # Issue 19: a key added with '+' is refused like a misspelt one (it used to run with the key ignored), and
+    # neither message advises '+'.
+    ("fit", [*FIT, "+data.bacth_size=8"], 2, ["data.bacth_size", "did you mean data.batch_size?"]),
+    (
+        "fit",
+        [*FIT, "data.bacth_size=8"],
+        2,
+        ["data.bacth_size is not a key", "did you mean data.batch_size?"],
+    ),
+    ("fit", [*FIT, "++method.lr_typo=1"], 2, ["method.lr_typo"]),
+    # predictions must be a list: `predictions=5` was a traceback and `predictions=file.csv` was read one
+    # character at a time, each after 34 s of embedding; now one line before any model is loaded.
+    ("analyze", ["checkpoint={damaged}", "data.root={root}", "output_dir={out}", "predictions=5"], 2, ["5"]),
+    (
+        "analyze",
+        ["checkpoint={damaged}", "data.root={root}", "output_dir={out}", "predictions=file.csv"],
+        2,
+        ["predictions must be a list of paths in brackets", "'file.csv'"],
+    ),
+    (
+        "analyze",
+        ["checkpoint={damaged}", "data.root={root}", "output_dir={out}", "predictions=[{tmp}/none.csv]"],
+        2,
+        ["predictions:", "none.csv is not a file"],
+    ),
+    ("analyze", ["data.root={root}", "output_dir={out}"], 2, ["missing value for checkpoint"]),
+    (
+        "export-pseudo-labels",
+        ["checkpoint={damaged}", "data.root={root}"],
+        2,
+        ["missing value for output_dir"],
+    ),
+    # Misleading messages: a checkpoint that is a folder ("does not exist"), an output_dir that is a file (a
+    # .lock error), an output that is a folder (a raw OSError), a pickle in backbone.weights (torch's advice
+    # to load it with weights_only=False).
+    ("evaluate", [*FIT, "checkpoint={tmp}"], 2, ["is a folder: name a checkpoint file"]),
+    ("embed", ["checkpoint={tmp}", "data.root={root}", "output_dir={out}"], 2, ["is a folder"]),
+    ("fit", ["data.root={root}", "data.split_file={split}", "output_dir={file}"], 2, ["a_file is a file"]),
+    (
+        "export-pseudo-labels",
+        ["checkpoint={damaged}", "data.root={root}", "output={tmp}"],
+        2,
+        ["output=", "is a folder: name the file to write"],
+    ),
+    ("fit", [*FIT, "backbone.weights={payload}"], 2, ["payload.pth", "not only tensors"]),
 ]
 
 
@@ -133,6 +190,7 @@ def test_bad_input_is_one_line(synth_archive, bad_inputs, tmp_path, command, arg
         "damaged": bad_inputs["damaged"],
         "run": bad_inputs["run"],
         "file": bad_inputs["file"],
+        "payload": bad_inputs["payload"],
     }
     proc = run_cli(command, *[a.format(**fill) for a in args])
     assert_one_line(proc, command, status, *named)
@@ -156,7 +214,7 @@ def test_config_values_are_refused_before_torch_is_imported() -> None:
 @pytest.mark.parametrize("protocol", ["matched", "paper"])
 def test_every_shipped_config_passes_validation(method: str, protocol: str) -> None:
     validate(compose("fit", [f"method={method}", f"protocol={protocol}", "data.root=/x", "output_dir=/y"]))
-    validate(compose("analyze", ["checkpoint=c.ckpt", "data.root=/x"]), ANALYZE_RULES)
+    validate(compose("analyze", ["checkpoint=c.ckpt", "data.root=/x"]), CHECKPOINT_RULES)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny
+from helpers import results_record, tiny
 
 from ssl_kvasir.cli import main
 
@@ -70,7 +70,9 @@ def one_percent_run(imbalanced_archive, tmp_path_factory) -> dict:
         *TINY,
     ]
     assert main(args) == 0
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    # The record names its checkpoint relative to the run's folder.
+    return {**results, "checkpoint": str(out / results["checkpoint"])}
 
 
 def _training_counts(archive: Path, eval_fold: int) -> np.ndarray:
@@ -91,8 +93,9 @@ def test_validation_is_inside_the_label_budget_at_one_percent(one_percent_run, i
     available = _training_counts(imbalanced_archive, eval_fold=1)
     budget = np.maximum(np.round(0.01 * available), 1)  # what a user with 1 % of the labels has
     assert r["val_policy"] == "budget"
-    assert r["label_budget"] == budget.sum() == r["n_labeled"] + r["n_val"]
-    assert r["n_val"] == 1 and r["label_budget"] == 27  # 5 of the big class (1 validates) + 22 single images
+    assert r["label_budget"] == {"kind": "fraction", "amount": 0.01, "id": "frac0.01"}
+    assert r["n_labels_used"] == budget.sum() == r["n_labeled"] + r["n_val"]
+    assert r["n_val"] == 1 and r["n_labels_used"] == 27  # 5 of the big class (1 validates) + 22 single images
     assert r["val_metrics"] is not None and "best" in r["selection"]
 
 
@@ -101,6 +104,7 @@ def test_knn_database_is_the_checkpoints_own_labeled_images(one_percent_run, imb
     from ssl_kvasir.config import compose
     from ssl_kvasir.data.splits import make_split
     from ssl_kvasir.errors import ConfigError
+    from ssl_kvasir.names import LabelBudget
     from ssl_kvasir.run import analyze as analysis
 
     data = [f"data.root={imbalanced_archive}", f"data.split_file={imbalanced_archive / '2_fold_split.csv'}"]
@@ -115,8 +119,8 @@ def test_knn_database_is_the_checkpoints_own_labeled_images(one_percent_run, imb
     module, exp = analysis.load_checkpoint_and_data(cfg)
     rows = analysis.knn_database(cfg, module, exp)
     # The rows a user with the 1 % budget labeled, cut independently of the checkpoint.
-    own = make_split(exp.catalog, 1, label_fraction=0.01, seed=0)
-    assert rows.tolist() == sorted([*own.labeled, *own.val]) and len(rows) == one_percent_run["label_budget"]
+    own = make_split(exp.catalog, 1, budget=LabelBudget.from_settings(0.01, None), seed=0)
+    assert rows.tolist() == sorted([*own.labeled, *own.val]) and len(rows) == one_percent_run["n_labels_used"]
     cfg_all = compose("analyze", [*base, "knn.database=all", "data.image_size=32"])
     assert analysis.knn_database(cfg_all, module, exp) is None
     store = analysis.embed(cfg_all, module, exp)
@@ -157,7 +161,7 @@ def test_sweep_of_supervised_and_fixmatch_shares_one_protocol(synth_archive, tmp
     assert sup["config"]["method"]["lr"] == 0.03 and sup["config"]["method"]["eval_weights"] == "ema"
     assert sup["steps"] == fm["steps"] == 4
     assert sup["protocol"] == fm["protocol"] == "matched"
-    assert sup["n_labeled"] == fm["n_labeled"] and sup["label_budget"] == fm["label_budget"]
+    assert sup["n_labeled"] == fm["n_labeled"] and sup["n_labels_used"] == fm["n_labels_used"]
     # A default FixMatch run: the live network labels the weak view, as in the paper.
     assert fm["config"]["method"]["teacher"] == "model"
     hydra_record = yaml.safe_load((found["fixmatch"].parent / ".hydra" / "config.yaml").read_text())
@@ -185,8 +189,7 @@ def test_curves_say_which_protocol_and_validation_policy_made_each_point(tmp_pat
     from ssl_kvasir.study.curves import load_runs, render_markdown, summarize
 
     def write(name: str, seed: int, **fields) -> None:
-        results = {"method": "fixmatch", "backbone": "test_resnet", "fold": 0, "seed": seed}
-        results |= {"label_fraction": 0.1, "labels_per_class": None, "metrics": {"mcc": 0.5}, **fields}
+        results = results_record(seed=seed, **fields)
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
 
@@ -195,12 +198,12 @@ def test_curves_say_which_protocol_and_validation_policy_made_each_point(tmp_pat
     summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
     assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (["matched"], ["budget"])
     assert "Protocol: matched; validation: budget." in render_markdown(summary, ["mcc"])
-    write("c", 2)  # written before either was recorded: validation came from the whole fold
+    write("c", 2)  # a hand-made record that names neither
     summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
     assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (
         ["matched unrecorded"],
-        ["budget fold"],
+        ["budget unrecorded"],
     )
-    assert "Protocol: matched, unrecorded; validation: budget, fold (mixed" in render_markdown(
+    assert "Protocol: matched, unrecorded; validation: budget, unrecorded (mixed" in render_markdown(
         summary, ["mcc"]
     )

@@ -73,7 +73,7 @@ def test_a_folder_of_another_run_is_refused(tiny_archive: Path, tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
     # labels_per_class=100 on classes of 3 images (2 in the training fold): warned, and what was used recorded.
-    assert results["labels_per_class"] == 100
+    assert results["label_budget"] == {"kind": "per_class", "amount": 100, "id": "lpc100"}
     assert set(results["labels_per_class_used"].values()) <= {1, 2}
     assert sum(results["labels_per_class_used"].values()) == results["n_labeled"] + results["n_val"]
     assert "data.labels_per_class=100: 23 classes have fewer training images" in done.stderr

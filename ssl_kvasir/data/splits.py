@@ -19,6 +19,7 @@ the validation part are each nested as well.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 
 from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.errors import ConfigError, DataError
+from ssl_kvasir.names import EVERY_LABEL, LabelBudget
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -44,8 +46,12 @@ class ExperimentSplit:
         val: the validation images (model selection).
         test: the evaluation fold.
         unlabeled: the archive's unlabeled images.
-        settings: the arguments of :func:`make_split` that cut it (``fold``, ``val_policy``, ``val_fraction``,
-            ``label_fraction``, ``labels_per_class``, ``seed``), so that it can be cut again
+        budget: the label budget it was cut to.
+        identity: a SHA-256 of the images of its labeled, validation and evaluation parts (path and class
+            name of each), which tells two splits apart whatever their settings (another archive, split file,
+            classes or folds).
+        settings: the arguments of :func:`make_split` that cut it (``eval_fold``, ``val_policy``,
+            ``val_fraction``, ``label_budget`` as a record, ``seed``), so that it can be cut again
             (:func:`rebuild_split`).
     """
 
@@ -54,18 +60,22 @@ class ExperimentSplit:
     val: np.ndarray
     test: np.ndarray
     unlabeled: np.ndarray
+    budget: LabelBudget
+    identity: str
     settings: dict = field(default_factory=dict)
 
     @property
-    def label_budget(self) -> int:
-        """Labeled images the run uses in all: training plus validation."""
+    def n_labels_used(self) -> int:
+        """Labeled images the run uses in all: training plus validation (not the budget itself, which is
+        :attr:`budget`)."""
         return int(len(self.labeled) + len(self.val))
 
     def record(self) -> dict:
-        """The settings plus the sizes of the parts: what a checkpoint stores about its labeled images."""
+        """The settings, the identity and the sizes of the parts: what a checkpoint stores about its split."""
         return {
             **self.settings,
-            "label_budget": self.label_budget,
+            "identity": self.identity,
+            "n_labels_used": self.n_labels_used,
             "n_labeled": int(len(self.labeled)),
             "n_val": int(len(self.val)),
         }
@@ -87,22 +97,27 @@ def _per_class_order(
     return [rng.permutation(rows[labels[rows] == c]) for c in range(num_classes)]
 
 
-def subset_sizes(
-    available: np.ndarray, label_fraction: float | None, labels_per_class: int | None
-) -> np.ndarray:
-    """How many labeled images each class keeps: ``round(fraction * n)`` or ``labels_per_class``, at least 1,
+def subset_sizes(available: np.ndarray, budget: LabelBudget) -> np.ndarray:
+    """How many labeled images each class keeps: ``round(fraction * n)`` or the images per class, at least 1,
     never more than the class has."""
-    if (label_fraction is None) == (labels_per_class is None):
-        raise ConfigError("set exactly one of data.label_fraction and data.labels_per_class")
-    if label_fraction is not None:
-        if not 0 < label_fraction <= 1:
-            raise ConfigError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
-        wanted = np.round(label_fraction * available).astype(np.int64)
+    if budget.label_fraction is not None:
+        wanted = np.round(budget.label_fraction * available).astype(np.int64)
     else:
-        if labels_per_class < 1:
-            raise ConfigError(f"data.labels_per_class must be at least 1, got {labels_per_class}")
-        wanted = np.full_like(available, labels_per_class)
+        wanted = np.full_like(available, budget.labels_per_class)
     return np.minimum(np.maximum(wanted, 1), available)
+
+
+def split_identity(catalog: Catalog, parts: dict[str, np.ndarray]) -> str:
+    """SHA-256 over each part's images, by name: its path and class name, in path order."""
+    images = catalog.images
+    paths, labels = images.path.to_numpy(), images.label.to_numpy()
+    names = catalog.classes.names
+    digest = hashlib.sha256()
+    for part, rows in parts.items():
+        digest.update(f"[{part}]\n".encode())
+        for path, label in sorted(zip(paths[rows].tolist(), labels[rows].tolist(), strict=True)):
+            digest.update(f"{path}\t{names[label]}\n".encode())
+    return digest.hexdigest()
 
 
 def n_validation(budget: int, val_fraction: float) -> int:
@@ -127,8 +142,7 @@ def make_split(
     catalog: Catalog,
     eval_fold: int,
     val_fraction: float = 0.1,
-    label_fraction: float | None = 1.0,
-    labels_per_class: int | None = None,
+    budget: LabelBudget = EVERY_LABEL,
     seed: int = 0,
     val_policy: str = "budget",
 ) -> ExperimentSplit:
@@ -141,16 +155,15 @@ def make_split(
             up; a class whose budget is too small to spare an image keeps all of it for training). ``fold``:
             the share of each class's training-fold images held out (at least one image stays in training).
             Unused under ``none``.
-        label_fraction: the label budget, as a share of each class's training-fold images (``fold``: of
-            those left after the validation carve).
-        labels_per_class: instead of a fraction, this many labeled images per class.
+        budget: the label budget: a share of each class's training-fold images (``fold``: of those left
+            after the validation carve), or a number of labeled images per class.
         seed: the seed of the subsets and of the validation carve (``data.seed``).
         val_policy: ``budget`` (validation inside the label budget), ``none`` (no validation: the whole
             budget trains) or ``fold`` (validation from the whole training fold, outside the budget).
 
     Raises:
-        ConfigError: for an unknown policy, a fold the split does not have, a fraction outside its range, or
-            classes with no training image at all (named).
+        ConfigError: for an unknown policy, a fold the split does not have, or classes with no training
+            image at all (named).
     """
     if val_policy not in VAL_POLICIES:
         raise ConfigError(f"unknown data.val_policy {val_policy!r}; valid: {', '.join(VAL_POLICIES)}")
@@ -182,12 +195,13 @@ def make_split(
             f"no training image at all for classes {', '.join(empty)} with fold {eval_fold} held out: "
             "a labeled subset cannot keep one image of every class"
         )
-    sizes = subset_sizes(available, label_fraction, labels_per_class)  # (C,) the budget of each class
-    if labels_per_class is not None and (short := np.flatnonzero(available < labels_per_class)).size:
+    sizes = subset_sizes(available, budget)  # (C,) the budget of each class
+    per_class = budget.labels_per_class
+    if per_class is not None and (short := np.flatnonzero(available < per_class)).size:
         log.warning(
             "data.labels_per_class=%d: %d classes have fewer training images and keep all they have (%s); "
-            "results.json records the counts used (labels_per_class_used)",
-            labels_per_class,
+            "the results record the counts used (labels_per_class_used)",
+            per_class,
             len(short),
             ", ".join(f"{catalog.classes[c].folder}: {available[c]}" for c in short),
         )
@@ -201,19 +215,22 @@ def make_split(
         else:
             labeled.append(rows[:n])
     rest = [rows[n:] for rows, n in zip(ordered, sizes, strict=True)]
-    empty_rows = np.empty(0, dtype=np.int64)
+    parts = {
+        "labeled": np.sort(np.concatenate(labeled)),
+        "val": np.sort(np.concatenate(val)) if val else np.empty(0, dtype=np.int64),
+        "test": test_rows,
+    }
     return ExperimentSplit(
-        labeled=np.sort(np.concatenate(labeled)),
+        **parts,
         rest=np.sort(np.concatenate(rest)),
-        val=np.sort(np.concatenate(val)) if val else empty_rows,
-        test=test_rows,
         unlabeled=np.flatnonzero(labels < 0),
+        budget=budget,
+        identity=split_identity(catalog, parts),
         settings={
             "eval_fold": int(eval_fold),
             "val_policy": val_policy,
             "val_fraction": float(val_fraction),
-            "label_fraction": None if label_fraction is None else float(label_fraction),
-            "labels_per_class": None if labels_per_class is None else int(labels_per_class),
+            "label_budget": budget.record(),
             "seed": int(seed),
         },
     )
@@ -221,31 +238,38 @@ def make_split(
 
 def rebuild_split(catalog: Catalog, record: dict, source: str) -> ExperimentSplit:
     """Cut again the split described by ``record`` (:meth:`ExperimentSplit.record`, e.g. from a checkpoint)
-    and check that it has the sizes recorded.
+    and check that it holds the same images (:attr:`ExperimentSplit.identity`).
 
     Args:
         catalog: the archive, as loaded for this command.
-        record: the stored settings and sizes.
+        record: the stored settings and identity.
         source: what the record came from (named in errors).
 
     Raises:
-        DataError: when the record lacks settings, or the split cut from this archive does not have the
-            recorded sizes (another archive, split file or data seed).
+        DataError: when the record lacks settings, or the split cut from this archive holds other images
+            (another archive, split file, classes or data seed).
     """
-    keys = ("eval_fold", "val_policy", "val_fraction", "label_fraction", "labels_per_class", "seed")
+    keys = ("eval_fold", "val_policy", "val_fraction", "label_budget", "seed", "identity")
     missing = [k for k in keys if k not in record]
     if missing:
-        raise DataError(f"{source} does not record its labeled images (no {', '.join(missing)})")
-    split = make_split(catalog, **{k: record[k] for k in keys})
-    found = split.record()
-    differ = [
-        f"{k} {found[k]} (recorded {record[k]})"
-        for k in ("label_budget", "n_labeled", "n_val")
-        if k in record and found[k] != record[k]
-    ]
-    if differ:
+        raise DataError(f"{source} does not record its split (no {', '.join(missing)})")
+    try:
+        budget = LabelBudget.from_record(record["label_budget"])
+    except ConfigError as e:
+        raise DataError(f"{source}: {e}") from None
+    split = make_split(
+        catalog,
+        eval_fold=record["eval_fold"],
+        val_fraction=record["val_fraction"],
+        budget=budget,
+        seed=record["seed"],
+        val_policy=record["val_policy"],
+    )
+    if split.identity != record["identity"]:
+        found = split.record()
+        sizes = ", ".join(f"{k} {found[k]} (recorded {record.get(k)})" for k in ("n_labeled", "n_val"))
         raise DataError(
-            f"{source}: the labeled images cut from this archive differ from the recorded ones: {', '.join(differ)} "
-            "(another archive, split file or data.seed?)"
+            f"{source}: the split cut from this archive holds other images than the recorded one ({sizes}; "
+            "another archive, split file, class list or data.seed?)"
         )
     return split

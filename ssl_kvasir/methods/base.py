@@ -117,18 +117,20 @@ class Runner(Protocol):
         out: Path,
         pseudo_labeled: tuple[np.ndarray, np.ndarray] | None = None,
         extra: dict | None = None,
-        results_file: str = "results.json",
         overrides: Mapping[str, Any] | None = None,
     ) -> dict:
-        """One Lightning fit + selection + test into ``out``; returns its results (reused when finished)."""
+        """One Lightning fit + selection + test into ``out``: the run's folder (its results record) or a stage's
+        folder below it (a stage record, which sweeps and curves do not count). Returns its results (reused
+        when finished), whose ``checkpoint`` is relative to the run's folder."""
         ...
 
     def predict_probs(self, checkpoint: str | Path, rows: np.ndarray) -> np.ndarray:
-        """(N, C) class probabilities of catalog ``rows`` from a checkpoint, through the one prediction path."""
+        """(N, C) class probabilities of catalog ``rows`` from a checkpoint (relative to the run's folder),
+        through the one prediction path."""
         ...
 
     def write_results(self, results: dict) -> None:
-        """Write the run's ``results.json``."""
+        """Write the run's results record."""
         ...
 
 
@@ -147,10 +149,18 @@ class BaseMethod(L.LightningModule):
     """Owns the network, the EMA of its trainable modules, the optimizer and schedule, the training step's forward
     pass and logging, and evaluation.
 
+    The settings have no defaults here: they live in the method's YAML (``configs/method/``), which
+    :meth:`from_config` reads for any setting it is not given. Only facts about the data and the run default
+    (no labeled class counts: uniform; seed 0).
+
     Args:
         network: backbone + head.
         class_names: names in index order (for per-class logs and reports).
-        labeled_class_counts: images per class in the labeled training subset (priors, alignment targets).
+        labeled_class_counts: images per class in one pass of the labeled stream *as sampled* (the training
+            prior times ``|L|``, :attr:`~ssl_kvasir.data.datamodule.KvasirDataModule.training_prior`): the
+            labeled set's counts under ``data.sampler=uniform``, ``|L| / K`` for each of its K classes under
+            ``class_balanced``. Logit adjustment, alignment targets, ACR's anchors and SimPro's starting prior
+            all use it, so a balanced stream is not corrected a second time.
         optimizer: ``sgd`` (with Nesterov momentum) or ``adamw``.
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -177,23 +187,24 @@ class BaseMethod(L.LightningModule):
 
     def __init__(
         self,
+        *,
         network: Network,
         class_names: list[str],
-        labeled_class_counts: list[int] | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.03,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        schedule: str = "cosine",
-        warmup_steps: int = 0,
-        max_steps: int = 1000,
-        ema_decay: float = 0.999,
-        ema_warmup: bool = True,
-        eval_weights: str = "ema",
+        labeled_class_counts: list[float] | None = None,
+        optimizer: str,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decay: float,
+        schedule: str,
+        warmup_steps: int,
+        max_steps: int,
+        ema_decay: float,
+        ema_warmup: bool,
+        eval_weights: str,
         seed: int = 0,
-        loss: str = "ce",
-        la_tau: float = 1.0,
+        loss: str,
+        la_tau: float,
     ):
         super().__init__()
         if loss not in LABELED_LOSSES:
@@ -230,24 +241,36 @@ class BaseMethod(L.LightningModule):
     # ---- construction from a config ----------------------------------------------------------------
     @classmethod
     def data_kwargs(cls, datamodule) -> dict:
-        """Constructor arguments that come from the data: the labeled class counts, and what a method needs
-        more (the unlabeled pool's size, ...)."""
-        lb = datamodule.streams["lb"]
-        return {
-            "labeled_class_counts": [int(n) for n in np.bincount(lb.labels, minlength=datamodule.num_classes)]
-        }
+        """Constructor arguments that come from the data: the labeled stream's class counts as sampled, and what
+        a method needs more (the unlabeled pool's size, ...)."""
+        n_labeled = len(datamodule.streams["lb"].labels)
+        return {"labeled_class_counts": [n_labeled * float(p) for p in datamodule.training_prior]}
 
     @classmethod
     def from_config(cls, network: Network, **config) -> BaseMethod:
         """Build the method from plain config values (what a config file and the data say).
 
-        Methods whose constructor takes strategy objects turn the config's names into objects here (see
-        :meth:`FixMatch.strategies <ssl_kvasir.methods.fixmatch.FixMatch.strategies>`). The config values
-        are stored as the hyper-parameters, so a checkpoint rebuilds the method through this same call.
+        A setting not given takes its value from the method's YAML (:func:`ssl_kvasir.config.method_defaults`),
+        the one place defaults live. Methods whose constructor takes strategy objects turn the config's names
+        into objects here (see :meth:`FixMatch.strategies <ssl_kvasir.methods.fixmatch.FixMatch.strategies>`).
+        The config values are stored as the hyper-parameters, so a checkpoint rebuilds the method through this
+        same call.
         """
+        config = {**cls.config_defaults(), **config}
         module = cls(network=network, **cls.strategies(config))
         module.save_hyperparameters({**module.hparams, **config})
         return module
+
+    @classmethod
+    def config_defaults(cls) -> dict[str, Any]:
+        """The constructor's settings in ``configs/method/<name>.yaml`` (not its name, not its procedure's keys);
+        nothing for a method without a config file (one defined outside the registry, handed a full config)."""
+        from ssl_kvasir.config import method_defaults, method_names
+
+        if cls.name not in method_names():
+            return {}
+        skip = {"name", *cls.procedure_keys}
+        return {k: v for k, v in method_defaults(cls.name).items() if k not in skip}
 
     @classmethod
     def strategies(cls, config: dict) -> dict:
@@ -327,6 +350,11 @@ class BaseMethod(L.LightningModule):
     def prior_estimator(self) -> PriorEstimator | None:
         """The method's estimate of the unlabeled class mix (ACR's, SimPro's), or None (the default)."""
         return None
+
+    def fit_warnings(self) -> list[str]:
+        """Lines that a fit of this method prints as warnings at its start and records in ``results.json``
+        (``warnings``): settings under which the method does no more than a simpler one. None by default."""
+        return []
 
     @property
     def unlabeled_prior(self) -> dict[str, float] | None:

@@ -9,7 +9,7 @@ images only) is as good as the supervised baseline: on short runs a teacher trai
 was far weaker.
 
 The rounds are this method's :meth:`SelfTraining.procedure`: each round lives in ``<output_dir>/round_<r>/``
-with its own checkpoints, ``round_results.json`` and ``pseudo_labels.csv``; a finished round is not redone
+with its own checkpoints, stage results record and ``pseudo_labels.csv``; a finished round is not redone
 when the run is restarted.
 """
 
@@ -27,8 +27,6 @@ from ssl_kvasir.methods.base import BaseMethod, Runner
 from ssl_kvasir.pseudo_labels.selection import select_pseudo_labels
 
 log = logging.getLogger("ssl_kvasir")
-# A round's results are not named results.json, so that sweeps and curves count the whole run once.
-ROUND_RESULTS = "round_results.json"
 
 
 class SelfTraining(BaseMethod):
@@ -49,7 +47,7 @@ class SelfTraining(BaseMethod):
     pseudo_views = ("strong",)
     procedure_keys = ("rounds", "pseudo", "noise")
 
-    def __init__(self, lambda_pl: float = 1.0, **base):
+    def __init__(self, lambda_pl: float, **base):
         super().__init__(**base)
 
     def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -88,7 +86,6 @@ class SelfTraining(BaseMethod):
                 round_dir,
                 pseudo_labeled=pseudo,
                 extra={"round": r, "n_pseudo": n_pseudo},
-                results_file=ROUND_RESULTS,
                 overrides=overrides,
             )
             history.append(

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from ssl_kvasir.config import require
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.files import atomic_write_json, atomic_write_text, file_sha256
-from ssl_kvasir.run.checkpoint import load_method, require_same_classes
+from ssl_kvasir.run.checkpoint import adopt_checkpoint_settings, load_method, require_same_data
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
 from ssl_kvasir.run.predict import Predictor
 
@@ -77,11 +77,9 @@ def load_checkpoint_and_data(cfg: DictConfig):
     """The trained method (EMA weights preferred) and the experiment's data, at the checkpoint's image size."""
     require(cfg, "checkpoint", "data.root")
     module = load_method(Path(cfg.checkpoint))
-    if cfg.data.image_size is None:
-        with open_dict(cfg):
-            cfg.data.image_size = module.data_settings.get("image_size", 224)
+    adopt_checkpoint_settings(cfg, module, cfg.checkpoint)
     exp = load_experiment(cfg.data)
-    require_same_classes(module, cfg.checkpoint, exp, cfg.data.root)
+    require_same_data(module, cfg.checkpoint, exp, cfg.data.root)
     return module, exp
 
 

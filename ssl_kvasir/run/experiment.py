@@ -15,6 +15,7 @@ from ssl_kvasir.data.splits import ExperimentSplit, make_split
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.methods import METHODS, BaseMethod
 from ssl_kvasir.models import Network, build_network
+from ssl_kvasir.names import LabelBudget
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -70,8 +71,7 @@ def load_experiment(data: DictConfig) -> Experiment:
         catalog,
         eval_fold=data.fold,
         val_fraction=data.val_fraction,
-        label_fraction=data.label_fraction,
-        labels_per_class=data.labels_per_class,
+        budget=LabelBudget.from_settings(data.label_fraction, data.labels_per_class),
         seed=data.seed,
         val_policy=data.val_policy,
     )

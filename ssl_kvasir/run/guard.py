@@ -2,14 +2,16 @@
 
 A run folder belongs to one run. Its identity is a *fingerprint*: the settings that decide what the run
 computes (data, split, budget, method, backbone, seed, schedule), and not those that only decide where it
-writes, how it logs or on what hardware it runs. The fingerprint is written to ``run.json`` when a fit starts,
-carried by every checkpoint (``checkpoint["run_fingerprint"]``) and recorded in ``results.json``; a fit that
-finds a folder of another run refuses, naming the settings that differ.
+writes, how it logs or on what hardware it runs, plus the content (a SHA-256) of every input file the run reads
+besides the archive: the split file, the reviewed pseudo-label file, the backbone's weight files. The
+fingerprint is written to ``run.json`` when a fit starts, carried by every checkpoint
+(``checkpoint["run_fingerprint"]``) and recorded in the results; a fit that finds a folder of another run, or
+an input file changed since the run started, refuses, naming the settings or the file.
 
 A fit stopped by a signal (SIGTERM from a scheduler, Ctrl-C) ends with :class:`FitInterrupted`, which the
 command line turns into exit status 128 + the signal number and one line saying that the same command resumes
-from ``checkpoints/last.ckpt``. That is the whole of this module's signal handling: checkpointing mid-epoch on
-a pre-emption notice and requeueing belong to the cluster layer, which can build on :func:`interruptions`.
+from the run's ``last.ckpt``; under SLURM a fit that checkpointed and requeued its job ends with
+:class:`Requeued` (exit status 143). The checkpoint at the current step is ``run.preempt``'s.
 
 This module imports neither torch nor Lightning at import time: the command line maps its errors before any
 heavy import.
@@ -27,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ssl_kvasir.errors import DataError, SslKvasirError
-from ssl_kvasir.files import atomic_write_json, hold_lock
+from ssl_kvasir.files import file_sha256, hold_lock
+from ssl_kvasir.run.folder import RunFolder, read_results, read_run_record, write_run_record
 
-RUN_FILE = "run.json"
 FINGERPRINT_KEY = "run_fingerprint"
 
 # Keys (or whole sections) that do not change what a run computes: where it writes, how it logs and on what
@@ -51,10 +53,38 @@ NOT_DEFINING = (
 )
 # Input paths: compared as absolute paths, so that a relative spelling of the same file is the same run.
 PATH_KEYS = ("data.root", "data.split_file", "data.unlabeled_root", "backbone.weights", "method.pseudo.file")
+# Input files whose content is part of the fingerprint (``<key>#sha256``): editing one between a kill and the
+# resume would train the rest of the run on other data.
+INPUT_FILES = ("data.split_file", "method.pseudo.file", "backbone.weights")
+CONTENT = "#sha256"
 
 
 class RunMismatch(SslKvasirError):
     """The output folder holds another run (its checkpoint, run.json or results.json)."""
+
+
+class Requeued(BaseException):
+    """Raised in every process of a fit that stopped on a pre-emption or time-limit signal under SLURM after
+    writing its resume checkpoint (and, on rank 0, requeueing the job).
+
+    Not an ``Exception``: nothing on the way may take it for a failure (submitit writes no result for the job,
+    which is not over; the W&B run is not marked failed). ``ssl_kvasir.study.sweeps`` turns it into the exit that
+    submitit's own handler makes, ``sys.exit(-1)``; ``ssl-kvasir fit`` into one line and exit status 143. Not a
+    ``SystemExit`` either, which the run layer reads as an interruption by the user.
+
+    Attributes:
+        status: the exit status of ``ssl-kvasir fit`` (143: ended by the scheduler's signal).
+    """
+
+    status = 128 + int(signal.SIGTERM)
+
+    def __init__(self, signame: str, step: int, job_id: str | None, resume_from: Path | None = None):
+        super().__init__(signame, step, job_id, resume_from)
+        self.signame, self.step, self.job_id, self.resume_from = signame, step, job_id, resume_from
+
+    def __str__(self) -> str:
+        where = f"; the requeued job resumes from {self.resume_from}" if self.resume_from else ""
+        return f"{self.signame} at step {self.step}: checkpointed and requeued job {self.job_id}{where}"
 
 
 class FitInterrupted(Exception):
@@ -97,12 +127,28 @@ def _absolute(value: Any) -> Any:
     return value
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: str | Path) -> str | None:
+    """``sha256:<hex>`` of a file's content (``None`` when there is no such file: loading it will say so),
+    computed once per process for a given size and modification time (a fit asks for its fingerprint often)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
+
+
 def fingerprint(config: Any) -> dict[str, Any]:
-    """The settings that define a run, as a flat ``{"data.fold": 0, ...}`` dict of plain values.
+    """The settings that define a run, as a flat ``{"data.fold": 0, ...}`` dict of plain values, and the content
+    of its input files (``"data.split_file#sha256": "<hex>"``).
 
     Args:
-        config: a composed run config (a ``DictConfig``) or its resolved container (as ``results.json``
-            stores it under ``config``).
+        config: a composed run config (a ``DictConfig``) or its resolved container.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -113,21 +159,34 @@ def fingerprint(config: Any) -> dict[str, Any]:
         for k, v in flat.items()
         if not any(k == skip or k.startswith(f"{skip}.") for skip in NOT_DEFINING)
     }
+    for key in INPUT_FILES:
+        value = flat.get(key)
+        if value:
+            paths = value if isinstance(value, list) else [value]
+            kept[key + CONTENT] = (
+                [file_hash(p) for p in paths] if isinstance(value, list) else file_hash(value)
+            )
     return dict(sorted(kept.items()))
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: recorded -> current`` for every key both sides have whose value differs.
+    """``key: recorded -> current`` for every key both sides have whose value differs; for an input file whose
+    content changed, ``<key> <path> changed since the run started``.
 
     A key only one side has is not compared: a method's own keys differ with the method, whose name is
     compared, and a key that a newer version of ssl_kvasir added (with the former behaviour as its default)
     must not strand the runs started before it.
     """
-    return [
-        f"{key}: {json.dumps(recorded[key])} -> {json.dumps(current[key])}"
-        for key in sorted(set(recorded) & set(current))
-        if recorded[key] != current[key]
-    ]
+    found = []
+    for key in sorted(set(recorded) & set(current)):
+        if recorded[key] == current[key]:
+            continue
+        if key.endswith(CONTENT):
+            name = key.removesuffix(CONTENT)
+            found.append(f"{name} {current.get(name)} changed since the run started (its content differs)")
+        else:
+            found.append(f"{key}: {json.dumps(recorded[key])} -> {json.dumps(current[key])}")
+    return found
 
 
 def _refuse(out: Path, what: str, diff: list[str]) -> RunMismatch:
@@ -193,42 +252,23 @@ def check_checkpoint(path: Path, current: Mapping[str, Any], out: Path) -> None:
         raise _refuse(out, f"checkpoint {path}", diff)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}; delete it to start the run afresh") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a run record; delete it to start the run afresh")
-    return data
-
-
-def check_folder(out: Path, current: Mapping[str, Any], results_file: str) -> None:
-    """Refuse a run folder that holds another run: its ``results.json``, ``run.json`` or
-    ``checkpoints/last.ckpt`` (the checkpoints of a method's later stages are checked by each stage).
+def check_folder(folder: RunFolder, current: Mapping[str, Any], results: Path) -> None:
+    """Refuse a run folder that holds another run: its results record ``results``, ``run.json`` or
+    ``last.ckpt`` (the checkpoints of a method's later stages are checked by each stage).
 
     Raises:
         RunMismatch: naming the file and the keys that differ.
-        DataError: when one of them cannot be read.
+        DataError: when one of them cannot be read, or is of an older format.
     """
-    results = out / results_file
+    out = folder.root
     if results.exists():
-        data = _read_json(results)
-        recorded = data.get("fingerprint")
-        if recorded is None and isinstance(data.get("config"), Mapping):
-            recorded = fingerprint(data["config"])  # written before fingerprints were recorded
-        if recorded is not None and (diff := differences(recorded, current)):
+        recorded = read_results(results).get("fingerprint")
+        if isinstance(recorded, Mapping) and (diff := differences(recorded, current)):
             raise _refuse(out, str(results), diff)
-    run = out / RUN_FILE
-    if run.exists():
-        recorded = _read_json(run).get("fingerprint")
-        if not isinstance(recorded, Mapping):
-            raise DataError(f"{run} holds no fingerprint; delete it to start the run afresh")
-        if diff := differences(recorded, current):
-            raise _refuse(out, str(run), diff)
-    last = out / "checkpoints" / "last.ckpt"
-    if last.exists():
-        check_checkpoint(last, current, out)
+    if folder.run_record.exists() and (diff := differences(read_run_record(folder), current)):
+        raise _refuse(out, str(folder.run_record), diff)
+    if folder.last.exists():
+        check_checkpoint(folder.last, current, out)
 
 
 def _rank_zero() -> bool:
@@ -239,29 +279,30 @@ def _rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def run_folder(out: Path, current: Mapping[str, Any], results_file: str) -> Iterator[None]:
-    """Own ``out`` for one fit: check that it holds no other run, lock it (first process of a distributed fit
-    only) and release the lock when the fit ends. :func:`begin` records the run once it is sure to start.
+def run_folder(folder: RunFolder, current: Mapping[str, Any]) -> Iterator[None]:
+    """Own ``folder`` for one fit: check that it holds no other run, lock it (first process of a distributed
+    fit only) and release the lock when the fit ends. :func:`begin` records the run once it is sure to start.
 
     Raises:
         RunMismatch, DataError: from :func:`check_folder`.
         FolderLocked: when another fit holds the folder.
     """
-    check_folder(out, current, results_file)
+    check_folder(folder, current, folder.results)
     if not _rank_zero():
         yield
         return
-    with hold_lock(out, f"ssl-kvasir fit into {out}"):
-        check_folder(out, current, results_file)  # again: a fit that held the lock may have just written
+    with hold_lock(folder.root, f"ssl-kvasir fit into {folder.root}"):
+        # Again: a fit that held the lock may have just written.
+        check_folder(folder, current, folder.results)
         yield
 
 
-def begin(out: Path, current: Mapping[str, Any]) -> None:
-    """Record the fingerprint in ``out/run.json`` (first process only), once the run's data have passed
+def begin(folder: RunFolder, current: Mapping[str, Any]) -> None:
+    """Record the fingerprint in ``run.json`` (first process only), once the run's data have passed
     :func:`check_experiment`: a run refused before training leaves no record that would refuse its
     corrected command."""
-    if _rank_zero() and not (out / RUN_FILE).exists():
-        atomic_write_json(out / RUN_FILE, {"fingerprint": dict(current)})
+    if _rank_zero() and not folder.run_record.exists():
+        write_run_record(folder, current)
 
 
 def check_experiment(exp, cfg) -> None:
@@ -341,6 +382,10 @@ def interruptions(trainer, last: Path) -> Iterator[None]:
 
     try:
         yield
+    except FitInterrupted:
+        # run.preempt's checkpoint at the step, written on the signal.
+        _expect_worker_exits()
+        raise
     except SIGTERMException:
         raise stopped("SIGTERM") from None
     except SystemExit:
@@ -350,6 +395,11 @@ def interruptions(trainer, last: Path) -> Iterator[None]:
     except Exception:
         if getattr(trainer, "received_sigterm", False):
             raise stopped("SIGTERM") from None
+        # A signal that run.preempt recorded (it owns SIGTERM and SIGINT while training) but that ended the
+        # DataLoader workers before the next step could be checkpointed.
+        received = [cb.received for cb in trainer.callbacks if getattr(cb, "received", None) is not None]
+        if received:
+            raise stopped(received[0].name) from None
         raise
 
 

@@ -1,5 +1,5 @@
-"""Pre-emption and time limits under SLURM: one owner for each signal, a checkpoint at the current step, a
-requeue, and an exact resume.
+"""Pre-emption, time limits and interruptions: one owner for each signal, a checkpoint at the current step, a
+requeue under SLURM, and an exact resume.
 
 A SLURM job learns that it must stop in two ways:
 
@@ -10,12 +10,16 @@ A SLURM job learns that it must stop in two ways:
 While a Lightning fit runs, :class:`PreemptionCheckpoint` owns both signals (it replaces the handlers that
 submitit and Lightning installed, and puts them back when the fit ends). The handler only records the signal;
 before the next training step every process agrees to stop (a max over ranks, so a signal that reached
-one rank stops all of them at the same step), the resume point ``checkpoints/last.ckpt`` is written at that step,
-global rank 0 runs ``scontrol requeue <job>``, and every process leaves with :class:`Requeued`: submitit then
-writes no result for the job (it is not over), and the requeued job runs the same point again,
+one rank stops all of them at the same step), the resume point ``last.ckpt`` is written at that step, global
+rank 0 runs ``scontrol requeue <job>``, and every process leaves with :class:`~ssl_kvasir.run.guard.Requeued`:
+submitit then writes no result for the job (it is not over), and the requeued job runs the same point again,
 which resumes from the checkpoint (``run.train.fit``) and continues the same W&B run (its id is a function of the
 run folder). Outside a fit (between self-training rounds, during the final test) submitit's own handler is the
 owner, and requeues the job the same way.
+
+Outside SLURM the same callback owns SIGTERM and SIGINT (Ctrl-C) during a fit: the checkpoint is written at the
+step, even in the first epoch, and the fit ends with :class:`~ssl_kvasir.run.guard.FitInterrupted` (exit status
+143 or 130), which the same command resumes from.
 
 The resumed run repeats the uninterrupted one exactly: Lightning restores its loop counters at the step, the
 training samplers skip the batches of the epoch already trained (``data.datamodule.EpochSampler``,
@@ -39,31 +43,11 @@ import torch
 from lightning.pytorch import Callback
 
 from ssl_kvasir.files import atomic_write_json
+from ssl_kvasir.run.guard import FitInterrupted, Requeued
 
 log = logging.getLogger("ssl_kvasir")
 # Our samplers resume mid-epoch without Lightning's stateful-loader interface (they skip what was done).
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
-
-PROGRESS_FILE = "progress.json"
-"""Written in a run's folder while it trains: ``{"step", "epoch", "time", "checkpoint_time"}`` (``status``)."""
-
-
-class Requeued(BaseException):
-    """Raised in every process of a fit that stopped on a pre-emption or time-limit signal after writing its
-    resume checkpoint (and, on rank 0, requeueing the job).
-
-    Not an ``Exception``: nothing on the way may take it for a failure (submitit writes no result for the job,
-    which is not over; the W&B run is not marked failed). ``ssl_kvasir.study.sweeps`` turns it into the exit that
-    submitit's own handler makes, ``sys.exit(-1)``. Not a ``SystemExit`` either, which the run layer reads as an
-    interruption by the user.
-    """
-
-    def __init__(self, signame: str, step: int, job_id: str | None):
-        super().__init__(signame, step, job_id)
-        self.signame, self.step, self.job_id = signame, step, job_id
-
-    def __str__(self) -> str:
-        return f"{self.signame} at step {self.step}: checkpointed and requeued job {self.job_id}"
 
 
 def slurm_job_id() -> str | None:
@@ -98,12 +82,13 @@ def requeue(job_id: str) -> bool:
 
 
 class PreemptionCheckpoint(Callback):
-    """Owns the time-limit and pre-emption signals during a fit: checkpoint at the step, requeue, exit.
+    """Owns the stopping signals during a fit: checkpoint at the step, requeue (under SLURM), exit.
 
     Args:
-        checkpoint_path: the run's resume point (``checkpoints/last.ckpt``).
+        checkpoint_path: the run's resume point (``last.ckpt``).
         signals: the signals to own; by default submitit's time-limit signal and SIGTERM.
         job_id: the SLURM job to requeue; by default this job (:func:`slurm_job_id`).
+        requeue: requeue the job and leave with ``Requeued`` (SLURM); else leave with ``FitInterrupted``.
     """
 
     def __init__(
@@ -111,10 +96,12 @@ class PreemptionCheckpoint(Callback):
         checkpoint_path: Path,
         signals: tuple[signal.Signals, ...] | None = None,
         job_id: str | None = None,
+        requeue: bool = True,
     ):
         self.checkpoint_path = Path(checkpoint_path)
         self.signals = signals if signals is not None else (requeue_signal(), signal.SIGTERM)
-        self.job_id = job_id or slurm_job_id()
+        self.requeue = requeue
+        self.job_id = (job_id or slurm_job_id()) if requeue else None
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._rng_pending: dict | None = None
@@ -145,6 +132,10 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
+        if self.received is not None and not self.requeue:
+            # A signal after the last step (during the final validation): the epoch-end checkpoint is the
+            # resume point, and the user asked to stop.
+            raise FitInterrupted(self.received.name, self.checkpoint_path)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
@@ -167,7 +158,7 @@ class PreemptionCheckpoint(Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if not stop:
             return
-        signame = self.received.name if self.received is not None else "a signal on another rank"
+        signame = self.received.name if self.received is not None else "SIGTERM"  # on another rank
         step = trainer.global_step
         self._saving = True
         try:
@@ -175,10 +166,13 @@ class PreemptionCheckpoint(Callback):
         finally:
             self._saving = False
         log.warning("%s: wrote %s at step %d", signame, self.checkpoint_path, step)
+        if not self.requeue:
+            trainer.strategy.barrier("interrupted")
+            raise FitInterrupted(signame, self.checkpoint_path)
         if trainer.is_global_zero and self.job_id:
             requeue(self.job_id)
         trainer.strategy.barrier("preempted")
-        raise Requeued(signame, step, self.job_id)
+        raise Requeued(signame, step, self.job_id, self.checkpoint_path)
 
     # ---- the random state at the step -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -215,16 +209,16 @@ def set_rng_state(state: dict) -> None:
 
 
 class ProgressFile(Callback):
-    """Writes ``<run>/progress.json`` (step, epoch, time, time of the last checkpoint) on global rank 0 every
+    """Writes a run's ``progress.json`` (step, epoch, time, time of the last checkpoint) on global rank 0 every
     ``every_n_steps`` steps and after every checkpoint, for ``ssl-kvasir status``.
 
     Args:
-        out: the run's folder.
+        path: the file (``RunFolder.progress``).
         every_n_steps: steps between writes.
     """
 
-    def __init__(self, out: Path, every_n_steps: int = 50):
-        self.path = Path(out) / PROGRESS_FILE
+    def __init__(self, path: Path, every_n_steps: int = 50):
+        self.path = Path(path)
         self.every_n_steps = max(1, every_n_steps)
         self.checkpoint_time: float | None = None
 

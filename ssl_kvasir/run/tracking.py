@@ -8,18 +8,24 @@ A sweep point's W&B run is named ``<method>-<backbone>-<budget>-fold<k>-seed<s>`
 next), ``final`` (the last round, whose metrics are the point's). Only the final stage joins the point's group;
 the others go to ``<group>-rounds``, so "group by Group" averages one run per point. A single-stage fit has
 ``job_type`` ``train``.
+
+Every call into ``wandb`` is here: the fit's logger and its closing, an analysis's run, the curves' run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ssl_kvasir.names import backbone_id, budget_id
+from ssl_kvasir.names import LabelBudget, backbone_id
+from ssl_kvasir.run import guard
 
 
 def wandb_mode() -> str:
@@ -37,7 +43,8 @@ def wandb_mode() -> str:
 
 
 def label_budget(cfg: DictConfig) -> str:
-    return budget_id(cfg.data.label_fraction, cfg.data.labels_per_class)
+    """The run's :attr:`~ssl_kvasir.names.LabelBudget.id` (``frac0.1``, ``lpc25``)."""
+    return LabelBudget.from_settings(cfg.data.label_fraction, cfg.data.labels_per_class).id
 
 
 def run_group(cfg: DictConfig) -> str:
@@ -85,16 +92,16 @@ def run_identity(cfg: DictConfig, stage: Mapping[str, Any] | None = None) -> dic
 
 
 def checkpoint_results(checkpoint: str | Path) -> dict | None:
-    """The ``results.json`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/<name>.ckpt``), or
+    """The results record of the run that wrote ``checkpoint`` (``<run>/checkpoints/<name>.ckpt``), or
     ``None`` when there is none (yet) or it cannot be read."""
-    import json
+    from ssl_kvasir.errors import DataError
+    from ssl_kvasir.run.folder import RunFolder, read_results
 
-    path = Path(checkpoint).resolve().parent.parent / "results.json"
+    path = RunFolder(Path(checkpoint).resolve().parent.parent).results
     try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_results(path)
+    except DataError:
         return None
-    return results if isinstance(results, dict) else None
 
 
 def pseudo_label_summary(table) -> Any:
@@ -170,6 +177,114 @@ def log_analysis(
 
 
 def run_name_from_results(results: Mapping[str, Any]) -> str:
-    """:func:`run_name` of the run a ``results.json`` describes."""
+    """:func:`run_name` of the run a results record describes."""
     r = results
-    return f"{r.get('method')}-{r.get('backbone')}-{r.get('budget')}-fold{r.get('fold')}-seed{r.get('seed')}"
+    return f"{r['method']}-{r['backbone']}-{r['label_budget']['id']}-fold{r['fold']}-seed{r['seed']}"
+
+
+def wandb_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = None):
+    """The fit's Lightning ``WandbLogger``, named, grouped and typed by :func:`run_identity` (``stage``: a
+    method stage's record, e.g. self-training's ``{"round": r}``); a resumed or requeued fit continues the
+    run of its folder."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    identity = run_identity(cfg, stage)
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=identity["group"],
+        job_type=identity["job_type"],
+        tags=run_tags(cfg),
+        name=identity["name"],
+        save_dir=str(out),
+        mode=cfg.logger.mode or wandb_mode(),
+        config={**OmegaConf.to_container(cfg, resolve=True), **identity["config"]},
+        id=_stable_run_id(out),
+        resume="allow",
+    )
+
+
+def _stable_run_id(out: Path) -> str:
+    """One W&B run per output folder, so a resumed or requeued job continues its run."""
+    import hashlib
+
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def one_tracking_run(logger) -> Iterator[None]:
+    """One W&B run per Lightning fit, closed when the fit ends (a failed one marked so): the next fit in the
+    same process (a local sweep's next point, self-training's next round) must not log into this run."""
+    try:
+        yield
+    except (guard.Requeued, guard.FitInterrupted):
+        # Checkpointed (and requeued): the resumed job continues this run (same id), so it is not a failure.
+        _finish_wandb(logger, exit_code=0, preempting=True)
+        raise
+    except BaseException:
+        _finish_wandb(logger, exit_code=1)
+        raise
+    _finish_wandb(logger, exit_code=0)
+
+
+def _finish_wandb(logger, exit_code: int, preempting: bool = False) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            if preempting:
+                wandb.run.mark_preempting()
+            wandb.finish(exit_code=exit_code)
+
+
+def active_wandb_run():
+    """The W&B run of this process, or ``None`` (without importing wandb when nothing has)."""
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run
+
+
+def open_curves_run(project: str, entity: str | None, out: Path):
+    """A W&B run for the label-efficiency curves (job type ``label_efficiency``), online or offline as
+    :func:`wandb_mode` decides; its files go below ``out``."""
+    from ssl_kvasir.analysis._optional import import_optional
+
+    wandb = import_optional("wandb", "pip install wandb")
+    out.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=project,
+        entity=entity,
+        job_type="label_efficiency",
+        name="label-efficiency",
+        dir=str(out),
+        mode=wandb_mode(),
+    )
+
+
+@dataclass(frozen=True)
+class LineChart:
+    """One native W&B line chart: ``xs[i]`` and ``ys[i]`` are the points of the line named ``keys[i]``."""
+
+    xs: list[list[float]]
+    ys: list[list[float]]
+    keys: list[str]
+    title: str
+    xname: str
+
+
+def log_curves(run, table, png: Path, charts: Mapping[str, LineChart]) -> None:
+    """Into ``run``: ``table`` (a data frame; NaN is logged as an empty cell) as
+    ``label_efficiency/table``, the figure ``png`` as ``label_efficiency/curves`` and each of ``charts`` under
+    its key."""
+    import wandb
+
+    logged = {
+        "label_efficiency/table": wandb.Table(dataframe=table.astype(object).where(table.notna(), None)),
+        "label_efficiency/curves": wandb.Image(str(png)),
+    }
+    for key, chart in charts.items():
+        logged[key] = wandb.plot.line_series(
+            xs=chart.xs, ys=chart.ys, keys=chart.keys, title=chart.title, xname=chart.xname
+        )
+    run.log(logged)

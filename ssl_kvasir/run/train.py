@@ -7,10 +7,9 @@ runner never asks which method it runs.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -26,11 +25,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssl_kvasir.config import require
 from ssl_kvasir.data.splits import unlabeled_pool
 from ssl_kvasir.errors import ConfigError
-from ssl_kvasir.files import atomic_write_json
 from ssl_kvasir.methods import BaseMethod
-from ssl_kvasir.names import backbone_id, budget_id
+from ssl_kvasir.names import backbone_id
 from ssl_kvasir.run import guard
-from ssl_kvasir.run.checkpoint import AtomicCheckpointIO, load_method, require_same_classes
+from ssl_kvasir.run.checkpoint import (
+    AtomicCheckpointIO,
+    FolderPaths,
+    adopt_checkpoint_settings,
+    load_method,
+    require_same_data,
+)
 from ssl_kvasir.run.experiment import (
     Experiment,
     build_datamodule,
@@ -40,15 +44,14 @@ from ssl_kvasir.run.experiment import (
     method_class,
     schedule,
 )
+from ssl_kvasir.run.folder import RunFolder, read_results, write_results
 from ssl_kvasir.run.predict import Predictor
-from ssl_kvasir.run.tracking import run_group
+from ssl_kvasir.run.tracking import one_tracking_run, run_group, wandb_logger
 from ssl_kvasir.version import code_version
 
 log = logging.getLogger("ssl_kvasir")
 # The EMA copy is a submodule kept in eval mode on purpose (BatchNorm uses its averaged statistics).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-RESULTS_FILE = "results.json"
 
 
 class StageRunner:
@@ -63,6 +66,7 @@ class StageRunner:
 
     def __init__(self, cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], out: Path):
         self.cfg, self.exp, self.method_cls, self.out = cfg, exp, method_cls, out
+        self.folder = RunFolder(out)
         method = OmegaConf.to_container(cfg.method, resolve=True)
         self.config = {k: method[k] for k in method_cls.procedure_keys if k in method}
         self.num_classes = len(exp.catalog.classes)
@@ -78,63 +82,70 @@ class StageRunner:
         out: Path,
         pseudo_labeled: tuple[np.ndarray, np.ndarray] | None = None,
         extra: dict | None = None,
-        results_file: str = RESULTS_FILE,
         overrides: Mapping[str, Any] | None = None,
     ) -> dict:
-        done = Path(out) / results_file
-        if done.exists():
-            return json.loads(done.read_text())
-        cfg = self.cfg
-        if overrides:
-            cfg = cfg.copy()
-            with open_dict(cfg):
-                for key, value in overrides.items():
-                    OmegaConf.update(cfg, key, value, merge=False)
-        return fit_once(cfg, self.exp, self.method_cls, Path(out), pseudo_labeled, extra, results_file)
+        stage = RunFolder(out)
+        # The run's own folder keeps its results record; a stage's folder, a stage record.
+        record = stage.results if stage.root == self.folder.root else stage.stage_results
+        if record.exists():
+            results = read_results(record)
+        else:
+            cfg = self.cfg
+            if overrides:
+                cfg = cfg.copy()
+                with open_dict(cfg):
+                    for key, value in overrides.items():
+                        OmegaConf.update(cfg, key, value, merge=False)
+            results = fit_once(cfg, self.exp, self.method_cls, stage, record, pseudo_labeled, extra)
+        # For the procedure, the checkpoint relative to the run's folder (a stage's record: to its own).
+        checkpoint = self.folder.relative(stage.resolve(results["checkpoint"]))
+        return {**results, "checkpoint": checkpoint}
 
     def predict_probs(self, checkpoint: str | Path, rows: np.ndarray) -> np.ndarray:
-        module = load_method(Path(checkpoint))
+        module = load_method(self.folder.resolve(checkpoint))
         dm = build_datamodule(self.cfg, self.exp, type(module), module.model, steps_per_epoch=1)
         predictor = Predictor.from_config(module, self.cfg.trainer)
         return predictor.probs(dm, rows, what=f"predicting {len(rows)} images")
 
     def write_results(self, results: dict) -> None:
         # The run's fingerprint, not a stage's (a stage may override settings, e.g. self-training's noise).
-        atomic_write_json(self.out / RESULTS_FILE, {**results, "fingerprint": guard.fingerprint(self.cfg)})
+        write_results(self.folder.results, {**results, "fingerprint": guard.fingerprint(self.cfg)})
 
 
 def fit(cfg: DictConfig) -> dict:
     """Run ``cfg.method``'s procedure: train, select on the validation part, test on the evaluation fold,
-    write ``results.json``.
+    write the results record.
 
-    A run whose ``results.json`` exists is not redone; a run with ``checkpoints/last.ckpt`` resumes from it.
-    A folder that holds another run is refused, and so is one that another fit is writing
+    A run whose results record exists is not redone; a run with a ``last.ckpt`` resumes from it. A folder that
+    holds another run is refused, and so is one that another fit is writing
     (:func:`ssl_kvasir.run.guard.run_folder`).
     """
     require(cfg, "output_dir", "data.root")
-    out = Path(cfg.output_dir)
+    folder = RunFolder(Path(cfg.output_dir))
     identity = guard.fingerprint(cfg)
-    with guard.run_folder(out, identity, RESULTS_FILE):
-        if (out / RESULTS_FILE).exists():
-            log.warning("%s exists: the run is done (delete it to run again)", out / RESULTS_FILE)
-            return json.loads((out / RESULTS_FILE).read_text())
+    with guard.run_folder(folder, identity):
+        if folder.results.exists():
+            results = read_results(folder.results)
+            log.warning("%s exists: the run is done (delete it to run again)", folder.results)
+            return results
         method_cls = method_class(cfg.method.name)
         exp = load_experiment(cfg.data)
         guard.check_experiment(exp, cfg)
-        guard.begin(out, identity)
-        return method_cls.procedure(StageRunner(cfg, exp, method_cls, out))
+        guard.begin(folder, identity)
+        return method_cls.procedure(StageRunner(cfg, exp, method_cls, folder.root))
 
 
 def fit_once(
     cfg: DictConfig,
     exp: Experiment,
     method_cls: type[BaseMethod],
-    out: Path,
+    folder: RunFolder,
+    record: Path,
     pseudo_labeled=None,
     extra: dict | None = None,
-    results_file: str = RESULTS_FILE,
 ) -> dict:
-    """One Lightning fit + validation + test of ``method_cls``, written to ``out/<results_file>``."""
+    """One Lightning fit + validation + test of ``method_cls`` in ``folder``, its results written to ``record``
+    (the folder's results record, or a stage's)."""
     from lightning.fabric.utilities.seed import seed_everything
 
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -144,15 +155,18 @@ def fit_once(
         network = network.to(memory_format=torch.channels_last)
     dm = build_datamodule(cfg, exp, method_cls, network, per_epoch, pseudo_labeled)
     module = build_method(cfg, method_cls, dm, network, total)
+    for line in module.fit_warnings():
+        log.warning("%s", line)
     has_val = len(exp.split.val) > 0
-    logger = build_logger(cfg, out, stage=extra)
-    trainer = build_trainer(cfg, out, total, per_epoch, len(exp.split.val), logger)
-    last = out / "checkpoints" / "last.ckpt"
+    logger = build_logger(cfg, folder.root, stage=extra)
+    trainer = build_trainer(cfg, folder, total, per_epoch, len(exp.split.val), logger)
+    last = folder.last
     if last.exists():
-        guard.check_checkpoint(last, guard.fingerprint(cfg), out)
+        guard.check_checkpoint(last, guard.fingerprint(cfg), folder.root)
         log.info("resuming from %s", last)
     with guard.interruptions(trainer, last), one_tracking_run(logger):
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+        # In this folder whatever folder the run began in (FolderPaths keeps the callbacks' paths relative).
         best = trainer.checkpoint_callback.best_model_path or str(last)
         val = None
         if has_val:
@@ -161,78 +175,31 @@ def fit_once(
         trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     test = module.last_eval["test"]
     results = make_results(
-        cfg, exp, module, test, val, best, total, selection=trainer.checkpoint_callback.record()
+        cfg,
+        exp,
+        module,
+        test,
+        val,
+        folder.relative(best),
+        total,
+        selection=trainer.checkpoint_callback.record(),
     )
     results.update(extra or {})
     if trainer.is_global_zero:
-        write_results(out / results_file, results, exp.catalog.classes.names, test["confusion_matrix"])
+        write_outputs(record, results, exp.catalog.classes.names, test["confusion_matrix"])
     return results
 
 
 def build_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = None):
-    """The fit's logger; a W&B run is named, grouped and typed by :func:`ssl_kvasir.run.tracking.run_identity`
-    (``stage``: a method stage's record, e.g. self-training's ``{"round": r}``)."""
+    """The fit's logger: a CSV log, or a W&B run (:func:`ssl_kvasir.run.tracking.wandb_logger`; ``stage``: a
+    method stage's record, e.g. self-training's ``{"round": r}``)."""
     from lightning.pytorch.loggers import CSVLogger
 
     if cfg.logger.kind == "csv":
         return CSVLogger(save_dir=str(out), name="logs", version="")
     if cfg.logger.kind != "wandb":
         raise ConfigError(f"unknown logger {cfg.logger.kind!r}; valid: wandb, csv")
-    from lightning.pytorch.loggers import WandbLogger
-
-    from ssl_kvasir.run.tracking import run_identity, run_tags, wandb_mode
-
-    identity = run_identity(cfg, stage)
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=identity["group"],
-        job_type=identity["job_type"],
-        tags=run_tags(cfg),
-        name=identity["name"],
-        save_dir=str(out),
-        mode=cfg.logger.mode or wandb_mode(),
-        config={**OmegaConf.to_container(cfg, resolve=True), **identity["config"]},
-        id=_stable_run_id(out),
-        resume="allow",
-    )
-
-
-def _stable_run_id(out: Path) -> str:
-    """One W&B run per output folder, so a resumed or requeued job continues its run."""
-    import hashlib
-
-    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def one_tracking_run(logger):
-    """One W&B run per Lightning fit, closed when the fit ends (a failed one marked so): the next fit in the
-    same process (a local sweep's next point, self-training's next round) must not log into this run."""
-    from ssl_kvasir.run.preempt import Requeued
-
-    try:
-        yield
-    except Requeued:
-        # Checkpointed and requeued: the requeued job continues this run (same id), so it is not a failure.
-        _finish_wandb(logger, exit_code=0, preempting=True)
-        raise
-    except BaseException:
-        _finish_wandb(logger, exit_code=1)
-        raise
-    _finish_wandb(logger, exit_code=0)
-
-
-def _finish_wandb(logger, exit_code: int, preempting: bool = False) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        import wandb
-
-        if wandb.run is not None:
-            if preempting:
-                wandb.run.mark_preempting()
-            wandb.finish(exit_code=exit_code)
+    return wandb_logger(cfg, out, stage)
 
 
 class ConsoleLines(Callback):
@@ -261,7 +228,9 @@ class ConsoleLines(Callback):
         )
 
 
-def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch: int, n_val: int, logger):
+def build_trainer(
+    cfg: DictConfig, folder: RunFolder, total_steps: int, steps_per_epoch: int, n_val: int, logger
+):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -270,7 +239,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
     t = cfg.trainer
     has_val = n_val > 0
     best = Selection(
-        dirpath=out / "checkpoints",
+        dirpath=folder.checkpoints,
         monitor=t.monitor,
         rule=t.selection,
         n_val=n_val,
@@ -279,22 +248,28 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
     # The resume point, written at every epoch end. Not ModelCheckpoint(save_last=True): Lightning 2.6 writes
     # that one only when the monitored metric improved, so a requeued job would redo every epoch since then.
     last = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+        dirpath=folder.checkpoints, filename=RunFolder.LAST, save_top_k=1, enable_version_counter=False
     )
     # A progress bar on a terminal; one line per epoch in logs and pipes.
     interactive = bool(t.progress_bar) and sys.stderr.isatty()
     plugins = [AtomicCheckpointIO()]
     from ssl_kvasir.run.preempt import PreemptionCheckpoint, ProgressFile
 
-    cluster = [ProgressFile(out, every_n_steps=t.log_every_n_steps)]
+    cluster = [ProgressFile(folder.progress, every_n_steps=t.log_every_n_steps)]
     if "SLURM_JOB_ID" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-        # A pre-empted or timed-out job checkpoints at its step, is requeued and resumes from
-        # checkpoints/last.ckpt: run.preempt owns the signals, not Lightning's auto-requeue (which waits for
-        # USR1, while submitit asks SLURM for USR2).
+        # A pre-empted or timed-out job checkpoints at its step, is requeued and resumes from last.ckpt:
+        # run.preempt owns the signals, not Lightning's auto-requeue (which waits for USR1, while submitit asks
+        # SLURM for USR2).
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        cluster.append(PreemptionCheckpoint(out / "checkpoints" / "last.ckpt"))
+        cluster.append(PreemptionCheckpoint(folder.last))
+    else:
+        # SIGTERM or Ctrl-C, even in the first epoch: a checkpoint at the current step, which the same command
+        # resumes from.
+        cluster.append(
+            PreemptionCheckpoint(folder.last, signals=(signal.SIGTERM, signal.SIGINT), requeue=False)
+        )
     return L.Trainer(
         # Whole epochs, not max_steps: Lightning resumes a step-based run from an epoch-end checkpoint as if
         # mid-epoch and trains an extra batch, so a requeued run would not repeat an uninterrupted one.
@@ -306,7 +281,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         precision=t.precision,
         logger=logger,
         # trainer.checkpoint_callback is the first: the model selection. One log line per epoch unless a bar shows.
-        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg))]
+        callbacks=[best, last, guard.fingerprint_callback(guard.fingerprint(cfg)), FolderPaths(folder.root)]
         + ([] if interactive else [ConsoleLines()])
         + cluster,
         plugins=plugins,
@@ -317,7 +292,7 @@ def build_trainer(cfg: DictConfig, out: Path, total_steps: int, steps_per_epoch:
         log_every_n_steps=min(t.log_every_n_steps, steps_per_epoch),
         enable_progress_bar=interactive,
         enable_model_summary=False,
-        default_root_dir=str(out),
+        default_root_dir=str(folder.root),
     )
 
 
@@ -334,20 +309,21 @@ def make_results(
     from ssl_kvasir.metrics import per_class_report
 
     names = exp.catalog.classes.names
+    split = exp.split
     return {
         "method": cfg.method.name,
         "backbone": backbone_id(cfg.backbone.name, cfg.backbone.head),
-        "budget": budget_id(cfg.data.label_fraction, cfg.data.labels_per_class),
         "system": cfg.system,
         "protocol": cfg.get("protocol"),
-        "fold": cfg.data.fold,
+        # What the split was cut with, from the split itself.
+        "fold": split.settings["eval_fold"],
         "seed": cfg.seed,
-        "data_seed": cfg.data.seed,
-        "label_fraction": cfg.data.label_fraction if cfg.data.labels_per_class is None else None,
-        "labels_per_class": cfg.data.labels_per_class,
-        "val_policy": exp.split.settings["val_policy"],
-        "label_budget": exp.split.label_budget,  # labeled images used in all: training + validation
-        "n_labeled": int(len(exp.split.labeled)),
+        "data_seed": split.settings["seed"],
+        "label_budget": split.budget.record(),
+        "val_policy": split.settings["val_policy"],
+        "split_identity": split.identity,
+        "n_labels_used": split.n_labels_used,  # labeled images used in all: training + validation
+        "n_labeled": int(len(split.labeled)),
         # The labeled images each class really has (labels_per_class is clamped at a class's training images).
         "labels_per_class_used": labels_used(exp),
         "n_unlabeled": int(
@@ -366,6 +342,8 @@ def make_results(
         "per_class": per_class_report(test["confusion_matrix"], names),
         # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.
         "unlabeled_prior": getattr(module, "unlabeled_prior", None),
+        # Settings under which the method does no more than a simpler one (ACR with a uniform training prior).
+        "warnings": module.fit_warnings(),
         "confusion_matrix": np.asarray(test["confusion_matrix"]).tolist(),
         "checkpoint": str(checkpoint),
         "group": cfg.logger.get("group") or run_group(cfg),
@@ -385,27 +363,33 @@ def labels_used(exp: Experiment) -> dict[str, int]:
     return dict(zip(names, counts.tolist(), strict=True))
 
 
-def write_results(path: Path, results: dict, names: list[str], cm) -> None:
-    """``results.json`` and a confusion-matrix PNG beside it."""
-    from ssl_kvasir.metrics import plot_confusion_matrix
+def write_outputs(record: Path, results: dict, names: list[str], cm) -> None:
+    """The results record and a confusion-matrix PNG beside it."""
+    from ssl_kvasir.analysis.plots import plot_confusion_matrix
 
     title = f"{results['method']} {results['backbone']} fold {results['fold']}"
-    plot_confusion_matrix(np.asarray(cm), names, path.parent / "confusion_matrix.png", title=title)
-    atomic_write_json(path, results)
+    plot_confusion_matrix(np.asarray(cm), names, record.parent / RunFolder.CONFUSION_MATRIX, title=title)
+    write_results(record, results)
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Re-evaluate ``cfg.checkpoint`` on the evaluation fold of ``cfg.data`` through the prediction path;
-    writes ``output_dir/evaluation.json`` (same fields as ``results.json``)."""
+    """Re-evaluate ``cfg.checkpoint`` on its evaluation fold through the prediction path; writes the
+    results record ``output_dir/evaluation.json``.
+
+    What the checkpoint was trained with (fold, image size, label budget, validation policy and share, data
+    seed) is taken from it where ``cfg`` leaves it null, and a value given that disagrees is refused; so are
+    data whose classes or split differ from the checkpoint's (:mod:`ssl_kvasir.run.checkpoint`).
+    """
     from ssl_kvasir.metrics import confusion_matrix, metrics_from_confusion
 
     require(cfg, "checkpoint", "output_dir", "data.root")
     module = load_method(Path(cfg.checkpoint))
+    cfg = cfg.copy()
+    adopt_checkpoint_settings(cfg, module, cfg.checkpoint)
     exp = load_experiment(cfg.data)
-    require_same_classes(module, cfg.checkpoint, exp, cfg.data.root)
+    require_same_data(module, cfg.checkpoint, exp, cfg.data.root)
     n_classes = len(exp.catalog.classes)
     spec = module.model.spec
-    cfg = cfg.copy()
     with open_dict(cfg):
         cfg.method = {"name": module.name}
         cfg.backbone.name, cfg.backbone.head = spec["name"], spec["head"]
@@ -415,5 +399,5 @@ def evaluate(cfg: DictConfig) -> dict:
     cm = confusion_matrix(exp.catalog.images.label.to_numpy()[rows], probs.argmax(1), n_classes)
     test = {"metrics": metrics_from_confusion(cm), "confusion_matrix": cm}
     results = make_results(cfg, exp, module, test, None, str(cfg.checkpoint), steps=0)
-    atomic_write_json(Path(cfg.output_dir) / "evaluation.json", results)
+    write_results(RunFolder(Path(cfg.output_dir)).evaluation, results)
     return results

@@ -5,9 +5,9 @@ training images (``label_fraction``) or a number of labeled images per class (``
 the mean, the sample standard deviation and the number of the runs at that budget, over folds and seeds alike.
 The paper's supervised DenseNet-161 trained on every label (Borgli et al. 2020, Table 3) is drawn as a dashed
 reference line when the runs are on HyperKvasir (not for another data set): the curves show what share of
-the labels a method needs to reach it. With W&B, the curves are also native W&B line charts (:func:`log_to_wandb`).
+the labels a method needs to reach it. With W&B, the curves are also native W&B line charts (:func:`line_charts`).
 
-Every ``results.json`` below the given folders counts as one run; the per-round ``round_results.json`` files of
+Every ``results.json`` below the given folders counts as one run; the per-round ``stage_results.json`` files of
 self-training do not (the run's own ``results.json`` holds its last round).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,17 @@ import pandas as pd
 
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.files import atomic_write, atomic_write_text
-from ssl_kvasir.names import METRIC_LABELS
+from ssl_kvasir.names import METRIC_LABELS, LabelBudget
+from ssl_kvasir.run.folder import read_results
+from ssl_kvasir.run.tracking import LineChart, active_wandb_run, log_curves
 from ssl_kvasir.study.baselines import PAPER_TABLE3
-from ssl_kvasir.study.results import find_results_files, is_integer, is_number, read_results, results_error
+from ssl_kvasir.study.results import find_results_files
 
 CURVE_METRICS = ("mcc", "macro_f1", "micro_f1")
 REFERENCE_ROW = "DenseNet-161"
 REFERENCE_LABEL = "paper: DenseNet-161, 100 % labels"
 FRACTION, PER_CLASS = "label_fraction", "labels_per_class"
-"""The two kinds of label budget, named by their ``results.json`` field."""
+"""The two kinds of label budget, named as the summary's columns name them."""
 
 RUN_COLUMNS = [
     "path",
@@ -59,46 +60,27 @@ def read_run(path: Path, metrics: Sequence[str] = CURVE_METRICS) -> dict:
     Raises:
         DataError: naming the file and the field that is missing or malformed.
     """
-    results = read_results(path, ("method", "backbone", "fold", "seed", "metrics"))
-
-    def bad(what: str) -> DataError:
-        return results_error(path, what)
-
-    fold, seed, data_seed = results["fold"], results["seed"], results.get("data_seed")
-    if not is_integer(seed):
-        raise bad(f"'seed' must be an integer, got {seed!r}")
-    if data_seed is not None and not is_integer(data_seed):
-        raise bad(f"'data_seed' must be an integer or null, got {data_seed!r}")
-    fraction, per_class = results.get(FRACTION), results.get(PER_CLASS)
-    if (fraction is None) == (per_class is None):
-        raise bad(
-            f"exactly one of {FRACTION!r} and {PER_CLASS!r} must be set, got {fraction!r} and {per_class!r}"
-        )
-    if fraction is not None and not (is_number(fraction) and 0 < fraction <= 1):
-        raise bad(f"{FRACTION!r} must be a number in (0, 1], got {fraction!r}")
-    if per_class is not None and not (is_integer(per_class) and per_class > 0):
-        raise bad(f"{PER_CLASS!r} must be a positive integer, got {per_class!r}")
+    results = read_results(path)
+    budget = LabelBudget.from_record(results["label_budget"])
     scores = results["metrics"]
     row = {
         "path": str(path),
         "method": results["method"].strip(),
         "backbone": results["backbone"].strip(),
-        "budget_kind": FRACTION if fraction is not None else PER_CLASS,
-        "budget": float(fraction if fraction is not None else per_class),
-        "fold": fold,
-        "seed": seed,
-        "data_seed": data_seed,
-        # Runs written before these were recorded: the protocol is unknown, validation came from the fold.
+        "budget_kind": FRACTION if budget.label_fraction is not None else PER_CLASS,
+        "budget": float(budget.amount),
+        "fold": results["fold"],
+        "seed": results["seed"],
+        "data_seed": results.get("data_seed"),
+        # A record made outside a fit's protocol (a hand-made one) says so.
         "protocol": results.get("protocol") or "unrecorded",
-        "val_policy": results.get("val_policy") or "fold",
+        "val_policy": results.get("val_policy") or "unrecorded",
         # hyperkvasir or folder (another data set): the paper's reference line is HyperKvasir's only.
         "data_source": ((results.get("config") or {}).get("data") or {}).get("source"),
     }
     for key in metrics:
         if key not in scores:
-            raise bad(f"'metrics' lacks {key!r}")
-        if not is_number(scores[key]):
-            raise bad(f"metrics.{key} must be a finite number, got {scores[key]!r}")
+            raise DataError(f"results file {path}: 'metrics' lacks {key!r}")
         row[key] = float(scores[key])
     return row
 
@@ -292,12 +274,6 @@ def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path, refer
     return path
 
 
-def active_wandb_run():
-    """The W&B run of this process, or ``None`` (without importing wandb when nothing has)."""
-    wandb = sys.modules.get("wandb")
-    return None if wandb is None else wandb.run
-
-
 def wandb_project(runs: pd.DataFrame, override: str | None = None) -> tuple[str, str | None]:
     """The W&B project (and entity) of the sweep: ``override``, else the one the runs logged to, else the
     default of ``configs/logger/wandb.yaml``.
@@ -323,23 +299,6 @@ def wandb_project(runs: pd.DataFrame, override: str | None = None) -> tuple[str,
 
     logger = compose("fit", ["logger=wandb"]).logger
     return logger.project, logger.entity
-
-
-def open_wandb_run(project: str, entity: str | None, out: Path):
-    """A W&B run for the curves, online or offline as :func:`ssl_kvasir.run.tracking.wandb_mode` decides."""
-    from ssl_kvasir.analysis._optional import import_optional
-    from ssl_kvasir.run.tracking import wandb_mode
-
-    wandb = import_optional("wandb", "pip install wandb")
-    out.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=project,
-        entity=entity,
-        job_type="label_efficiency",
-        name="label-efficiency",
-        dir=str(out),
-        mode=wandb_mode(),
-    )
 
 
 def curve_series(
@@ -373,16 +332,11 @@ def curve_series(
     return xs, ys, keys
 
 
-def log_to_wandb(run, summary: pd.DataFrame, png: Path, metrics: Sequence[str] = CURVE_METRICS) -> None:
-    """Into ``run``: a native W&B line chart per metric and budget kind (``label_efficiency/<metric>``, or
-    ``label_efficiency/<metric>_per_class`` for labels-per-class budgets: a line per method with its ± std
-    lines, :func:`curve_series`), the summary as a ``wandb.Table`` and the figure as an image."""
-    import wandb
-
-    logged = {
-        "label_efficiency/table": wandb.Table(dataframe=summary.astype(object).where(summary.notna(), None)),
-        "label_efficiency/curves": wandb.Image(str(png)),
-    }
+def line_charts(summary: pd.DataFrame, metrics: Sequence[str] = CURVE_METRICS) -> dict[str, LineChart]:
+    """The native W&B line charts of the curves: one per metric and budget kind (``label_efficiency/<metric>``,
+    or ``label_efficiency/<metric>_per_class`` for labels-per-class budgets), a line per method with its ± std
+    lines (:func:`curve_series`)."""
+    charts = {}
     kinds = set(budget_kind_of(summary))
     for kind in (FRACTION, PER_CLASS):
         if kind not in kinds:
@@ -392,10 +346,10 @@ def log_to_wandb(run, summary: pd.DataFrame, png: Path, metrics: Sequence[str] =
             label = METRIC_LABELS.get(metric, metric)
             by = "% of the labels" if kind == FRACTION else "labeled images per class"
             suffix = "" if kind == FRACTION else "_per_class"
-            logged[f"label_efficiency/{metric}{suffix}"] = wandb.plot.line_series(
+            charts[f"label_efficiency/{metric}{suffix}"] = LineChart(
                 xs=xs, ys=ys, keys=keys, title=f"{label} by {by}", xname=by
             )
-    run.log(logged)
+    return charts
 
 
 @dataclass
@@ -448,5 +402,5 @@ def write_curves(
     plot_curves(summary, metrics, files["png"], reference=reference)
     run = wandb_run if wandb_run is not None else active_wandb_run()
     if run is not None:
-        log_to_wandb(run, summary, files["png"], metrics)
+        log_curves(run, summary, files["png"], line_charts(summary, metrics))
     return CurvesReport(runs, summary, markdown, files, wandb_logged=run is not None)

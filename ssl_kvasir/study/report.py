@@ -23,9 +23,10 @@ import numpy as np
 
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassInfo
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.names import METRIC_LABELS, budget_id
+from ssl_kvasir.names import METRIC_LABELS, LabelBudget
+from ssl_kvasir.run.folder import read_results
 from ssl_kvasir.study.baselines import PAPER_TABLE3, BaselineResult
-from ssl_kvasir.study.results import find_results_files, is_number, read_results, results_error
+from ssl_kvasir.study.results import find_results_files
 
 TABLE_METRICS = (
     "macro_precision",
@@ -104,51 +105,31 @@ class RunResult:
 
 
 def _default_system_name(method: str, backbone: str, results: dict) -> str:
-    name = f"{method}-{backbone}"
-    per_class, fraction = results.get("labels_per_class"), results.get("label_fraction")
-    if is_number(per_class):
-        name += f"-{budget_id(None, int(per_class))}"
-    elif is_number(fraction) and fraction != 1:
-        name += f"-{budget_id(fraction, None)}"
-    return name
+    budget = LabelBudget.from_record(results["label_budget"])
+    return f"{method}-{backbone}" + ("" if budget.is_every_label else f"-{budget.id}")
 
 
 def load_result(path: str | Path) -> RunResult:
-    """Read and check one ``results.json``.
+    """Read one results record (:func:`ssl_kvasir.run.folder.read_results`) and check what the table adds.
 
     Raises:
-        DataError: naming the file and the field, when it is not JSON or lacks or mangles a field the table
-            needs (method, backbone, fold, classes, metrics, confusion_matrix).
+        DataError: naming the file and the field, when the record is not readable, or lacks a metric of the
+            table, or its confusion matrix counts no image.
     """
     path = Path(path)
-    results = read_results(path, ("method", "backbone", "fold", "classes", "metrics", "confusion_matrix"))
+    results = read_results(path)
 
     def bad(what: str) -> DataError:
-        return results_error(path, what)
+        return DataError(f"results file {path}: {what}")
 
     method, backbone, fold = results["method"], results["backbone"], results["fold"]
-    classes = results["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise bad("'classes' must be a non-empty list of class names")
-    if len(set(classes)) != len(classes):
-        raise bad("'classes' names a class twice")
-    metrics = results["metrics"]
+    classes, metrics, cm = results["classes"], results["metrics"], results["confusion_matrix"]
     for key in TABLE_METRICS:
         if key not in metrics:
             raise bad(f"'metrics' lacks {key!r}")
-        if not is_number(metrics[key]) or not -1 <= metrics[key] <= 1:
+        if not -1 <= metrics[key] <= 1:
             raise bad(f"metrics.{key} must be a number in [-1, 1], got {metrics[key]!r}")
-    cm = results["confusion_matrix"]
     n = len(classes)
-    if (
-        not isinstance(cm, list)
-        or len(cm) != n
-        or not all(isinstance(row, list) and len(row) == n for row in cm)
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in cm for v in row)
-    ):
-        raise bad(
-            f"'confusion_matrix' must be {n}x{n} non-negative integer counts (one row and column per class)"
-        )
     confusion = np.array(cm, dtype=np.int64).reshape(n, n)  # (C, C)
     if confusion.sum() == 0:
         raise bad("'confusion_matrix' counts no images")
@@ -563,7 +544,7 @@ def write_report(
     """
     from ssl_kvasir.data.classes import ClassTable
     from ssl_kvasir.files import atomic_write_text
-    from ssl_kvasir.metrics import plot_confusion_matrix
+    from ssl_kvasir.analysis.plots import plot_confusion_matrix
     from ssl_kvasir.study.baselines import split_file_baselines
 
     out_dir = Path(out_dir)

@@ -23,12 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssl_kvasir.errors import DataError
 from ssl_kvasir.files import atomic_write_json
-from ssl_kvasir.study.results import RESULTS_NAME
+from ssl_kvasir.run.folder import RunFolder, read_results
 
 MARKER = "job.json"
 MANIFEST = "sweep_points.json"
-PROGRESS = "progress.json"  # written by run.preempt.ProgressFile while a fit trains
 POINT_LOG = "point.log"  # a local point's output
 STATES = ("done", "running", "queued", "failed", "missing")
 
@@ -181,12 +181,13 @@ def last_line(*paths: Path | str | None) -> str:
 
 def _progress(out: Path) -> str:
     parts = []
+    folder = RunFolder(out)
     try:
-        progress = json.loads((out / PROGRESS).read_text())
+        progress = json.loads(folder.progress.read_text())
         parts.append(f"step {progress['step']}")
     except (OSError, ValueError, KeyError):
         progress = {}
-    last = out / "checkpoints" / "last.ckpt"
+    last = folder.last
     stamp = progress.get("checkpoint_time") or (last.stat().st_mtime if last.exists() else None)
     if stamp:
         parts.append("last checkpoint " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)))
@@ -198,13 +199,14 @@ def _progress(out: Path) -> str:
 def point_status(out: Path) -> PointStatus:
     """The state of the point whose folder is ``out`` (see the module's docstring)."""
     out = Path(out)
-    results = out / RESULTS_NAME
+    results = RunFolder(out).results
     if results.exists():
         try:
-            mcc = json.loads(results.read_text())["metrics"]["mcc"]
-            return PointStatus(out, "done", f"MCC {mcc:.4f}")
-        except (OSError, ValueError, KeyError, TypeError):
-            return PointStatus(out, "done", "")
+            mcc = read_results(results)["metrics"].get("mcc")
+        except DataError as e:
+            # Not a result this version can use (damaged, or of an older format): the point is to run again.
+            return PointStatus(out, "failed", str(e))
+        return PointStatus(out, "done", "" if mcc is None else f"MCC {mcc:.4f}")
     marker = read_marker(out)
     if marker is not None:
         job = f"job {marker['job_id']}" if marker["launcher"] == "slurm" else f"pid {marker['job_id']}"
@@ -225,7 +227,7 @@ def point_status(out: Path) -> PointStatus:
         return PointStatus(out, "failed", f"{gone}: {line}" if line else gone)
     if out.exists() and any(out.iterdir()):
         line = last_line(out / POINT_LOG, out / "sweep.log")
-        return PointStatus(out, "failed", f"no job: {line}" if line else "no job and no results.json")
+        return PointStatus(out, "failed", f"no job: {line}" if line else f"no job and no {RunFolder.RESULTS}")
     return PointStatus(out, "missing")
 
 
@@ -234,7 +236,7 @@ def sweep_points(root: Path) -> list[Path]:
     marker (points launched before the manifest existed)."""
     root = Path(root)
     found = {Path(p) for p in list_manifest(root)}
-    for name in (RESULTS_NAME, MARKER):
+    for name in (RunFolder.RESULTS, MARKER):
         found.update(p.parent.resolve() for p in root.rglob(name) if ".submitit" not in p.parts)
     return sorted(found)
 

@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_kvasir.config import validate
 from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import ConfigError, SslKvasirError
-from ssl_kvasir.names import backbone_id, budget_id
-from ssl_kvasir.study.results import RESULTS_NAME
+from ssl_kvasir.names import LabelBudget, backbone_id
+from ssl_kvasir.run.folder import RunFolder, read_results
 from ssl_kvasir.study.status import (
     POINT_LOG,
     add_to_manifest,
@@ -54,7 +54,11 @@ def hub_weights(weights: str | list | None) -> bool:
 def register_resolvers() -> None:
     """``${label_budget:fraction,per_class}``, ``${backbone_id:name,head}`` and ``${hub_weights:weights}`` for
     config files."""
-    OmegaConf.register_new_resolver("label_budget", budget_id, replace=True)
+    OmegaConf.register_new_resolver(
+        "label_budget",
+        lambda fraction, per_class: LabelBudget.from_settings(fraction, per_class).id,
+        replace=True,
+    )
     OmegaConf.register_new_resolver("backbone_id", backbone_id, replace=True)
     OmegaConf.register_new_resolver("hub_weights", hub_weights, replace=True)
 
@@ -110,15 +114,21 @@ def run_point(cfg: DictConfig, launcher: DictConfig | None = None) -> dict:
         ``{"output_dir", "skipped", "metrics"}`` (metrics of the evaluation fold; ``None`` when skipped).
     """
     out = Path(cfg.output_dir)
-    done = out / RESULTS_NAME
+    done = RunFolder(out).results
     if done.exists():
-        log.info("skipping %s: %s exists (delete it to run this point again)", out, RESULTS_NAME)
+        try:
+            read_results(done)
+        except SslKvasirError as e:
+            # One line, as `ssl-kvasir fit` gives it: an old or damaged record is not a result.
+            log.error("%s: error: %s", out, e)
+            raise SystemExit(2) from None
+        log.info("skipping %s: %s exists (delete it to run this point again)", out, done.name)
         return {"output_dir": str(out), "skipped": True, "metrics": None}
     if launcher is not None:
         match_launcher(cfg, launcher)
     validate(cfg)  # a bad value fails this point in a second, as `ssl-kvasir fit` does
     # Imported only for a run to fit: a skipped point costs no torch import.
-    from ssl_kvasir.run.preempt import Requeued
+    from ssl_kvasir.run.guard import Requeued
     from ssl_kvasir.run.train import fit
 
     quiet_console()  # after Lightning's import: its lines once, through Hydra's handlers
@@ -154,7 +164,7 @@ def plan(points: Sequence[Point], root: Path) -> list[Point]:
         status = point_status(point.output_dir)
         if status.state == "done":
             message = (
-                f"skipping {point.output_dir}: {RESULTS_NAME} exists (delete it to run this point again)"
+                f"skipping {point.output_dir}: {RunFolder.RESULTS} exists (delete it to run this point again)"
             )
         elif status.live:
             message = f"skipping {point.output_dir}: {status.state} ({status.detail}); not launched again"

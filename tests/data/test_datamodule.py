@@ -9,6 +9,7 @@ import torch
 from ssl_kvasir.data.archive import load_catalog
 from ssl_kvasir.data.datamodule import ClassBalancedSampler, EpochSampler, KvasirDataModule
 from ssl_kvasir.data.splits import make_split
+from ssl_kvasir.names import LabelBudget
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -99,7 +100,7 @@ def test_views_made_in_the_workers_equal_views_made_after_the_transfer(synth_arc
 
 def test_datamodule_serves_the_methods_streams(synth_archive):
     catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
-    split = make_split(catalog, eval_fold=0, label_fraction=0.5, seed=0)
+    split = make_split(catalog, eval_fold=0, budget=LabelBudget("fraction", 0.5), seed=0)
     rows = split.unlabeled[:5]
     targets = np.full((5, 23), 1 / 23, dtype=np.float32)
     dm = KvasirDataModule(

@@ -60,7 +60,8 @@ def test_a_method_with_an_extra_head_trains_and_averages_it(synth_archive, tmp_p
         cfg.method.name = TwoHeads.name
     results = fit(cfg)
     assert results["method"] == "two_heads"
-    trained = load_method(results["checkpoint"])
+    checkpoint = tmp_path / "run" / results["checkpoint"]  # the record names it relative to the run
+    trained = load_method(checkpoint)
     assert isinstance(trained, TwoHeads) and "extra_head" in trained.trainable_modules()
     initial, live = trained.initial_head, trained.extra_head.weight
     averaged = trained.ema.module["extra_head"].weight
@@ -68,5 +69,5 @@ def test_a_method_with_an_extra_head_trains_and_averages_it(synth_archive, tmp_p
     assert not torch.allclose(live, initial)
     assert not torch.allclose(averaged, initial) and not torch.allclose(averaged, live)
     assert (averaged - initial).norm() < (live - initial).norm() * 1.5
-    state = torch.load(results["checkpoint"], weights_only=True)["state_dict"]
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert "extra_head.weight" in state and "ema.module.extra_head.weight" in state

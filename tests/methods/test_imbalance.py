@@ -29,6 +29,7 @@ def _method(name: str, **extra):
             "ulb": SimpleNamespace(rows=np.arange(40)),
         },
         num_classes=C,
+        training_prior=np.array(COUNTS) / sum(COUNTS),  # a uniform sampler: the labeled set's shares
     )
     cls = METHODS[name]
     config = {**cls.data_kwargs(datamodule), **extra}
@@ -86,10 +87,92 @@ def test_supervised_logit_adjusted_loss_is_menon_et_al():
         _method("supervised", loss="focal")
 
 
-def test_simpro_step_matches_the_naive_em_losses():
-    """Posterior under pi_u, soft targets above the threshold, losses adjusted by the training prior, the
-    labeled loss scaled by |U| / (mu |L|)."""
-    module = _method("simpro", loss="logit_adjusted", la_tau=2.0, threshold=0.3)
+def test_self_training_honours_the_logit_adjusted_loss():
+    """Round 0 (labeled images only) and the student rounds (labeled + pseudo-labeled) adjust the labeled loss
+    by the training prior; the pseudo-labeled images keep plain (soft) cross-entropy."""
+    module = _method("self_training", loss="logit_adjusted", la_tau=1.5, lambda_pl=0.5)
+    batch = _batch()
+    prior = [n / sum(COUNTS) for n in COUNTS]
+    y = [int(v) for v in batch["lb"]["label"]]
+
+    def adjusted(rows):
+        return np.mean(
+            [
+                _naive_ce([z + 1.5 * math.log(p) for z, p in zip(row, prior, strict=True)], _one_hot(k))
+                for row, k in zip(rows, y, strict=True)
+            ]
+        )
+
+    lb_only = {"lb": batch["lb"]}
+    loss = module.training_step(lb_only, 0)
+    assert loss.item() == pytest.approx(adjusted(module.model(batch["lb"]["weak"]).tolist()), rel=1e-5)
+    target = torch.softmax(torch.randn(4, C, generator=torch.Generator().manual_seed(1)), 1)
+    with_pl = {**lb_only, "pl": {"strong": batch["ulb"]["strong"][:4], "target": target}}
+    loss = module.training_step(with_pl, 0)
+    with torch.no_grad():
+        z_lb, z_pl = module.model(torch.cat([batch["lb"]["weak"], with_pl["pl"]["strong"]])).split([4, 4])
+    soft = np.mean([_naive_ce(row, t) for row, t in zip(z_pl.tolist(), target.tolist(), strict=True)])
+    assert loss.item() == pytest.approx(adjusted(z_lb.tolist()) + 0.5 * soft, rel=1e-4)
+    assert _method("self_training", lambda_pl=0.5).training_step(lb_only, 0).item() != pytest.approx(
+        adjusted(module.model(batch["lb"]["weak"]).tolist()), rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "class_balanced"])
+def test_logit_adjustment_follows_the_labeled_stream_as_sampled(synth_archive, sampler):
+    """The class-balanced sampler makes the labeled stream uniform: logit adjustment by the training prior is then
+    a constant shift of the logits, the loss is plain cross-entropy and no decision moves. Under the uniform
+    sampler it adjusts by the labeled set's long tail (log 3 between its largest and smallest class here)."""
+    from dataclasses import replace
+
+    from ssl_kvasir.data.archive import load_catalog
+    from ssl_kvasir.data.datamodule import KvasirDataModule
+    from ssl_kvasir.data.splits import make_split
+
+    catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
+    split = make_split(catalog, eval_fold=0, seed=0)
+    labels = catalog.images.label.to_numpy()
+    # 1, 2 or 3 labeled images per class: a tail of ratio 3 over all 23 classes.
+    rows = np.concatenate([split.labeled[labels[split.labeled] == c][: 1 + c % 3] for c in range(23)])
+    dm = KvasirDataModule(
+        catalog, replace(split, labeled=rows), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, sampler=sampler
+    )
+    cls = METHODS["supervised"]
+    module = cls.from_config(
+        build_network("test_resnet", 23),
+        class_names=catalog.classes.names,
+        max_steps=10,
+        loss="logit_adjusted",
+        la_tau=1.0,
+        **cls.data_kwargs(dm),
+    )
+    offset = module.labeled_prior.log()  # (C,) what the adjustment adds to the logits
+    z = torch.randn(64, 23, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.arange(64) % 23
+    loss = module.labeled_loss(z, y)
+    (grad,) = torch.autograd.grad(loss, z)
+    (grad_ce,) = torch.autograd.grad(F.cross_entropy(z, y), z)
+    if sampler == "class_balanced":
+        assert torch.allclose(offset, offset[0].expand(23))
+        assert torch.equal((z + offset).argmax(1), z.argmax(1))
+        assert loss.item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+        assert torch.allclose(grad, grad_ce, atol=1e-7)
+    else:
+        assert (offset.max() - offset.min()).item() == pytest.approx(math.log(3), rel=1e-5)
+        assert not torch.allclose(grad, grad_ce, atol=1e-4)
+
+
+# The reference code's form; SimPro's defaults (the config file's).
+REFERENCE_FORM = {"scale_labeled_loss": True, "em_posteriors": "confident", "em_warmup_steps": 0}
+
+
+@pytest.mark.parametrize("form", ["default", "reference"])
+def test_simpro_step_matches_the_naive_em_losses(form):
+    """Posterior under pi_u, soft targets above the threshold, losses adjusted by the training prior; the
+    reference form scales the labeled loss by mu |L| / |U| and its M-step sums only the confident posteriors."""
+    reference = form == "reference"
+    extra = REFERENCE_FORM if reference else {}
+    module = _method("simpro", loss="logit_adjusted", la_tau=2.0, threshold=0.3, **extra)
     # A prior state as after some epochs, so that both adjustments matter.
     module.prior.unlabeled_prior.copy_(torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3]))
     module.prior.train_prior.copy_(torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1]))
@@ -105,16 +188,34 @@ def test_simpro_step_matches_the_naive_em_losses():
             for row, y in zip(z_lb, batch["lb"]["label"], strict=True)
         ]
     )
-    loss_x *= (8 * sum(COUNTS)) / (4 * 40)  # n_ulb |L| / (n_lb |U|)
+    if reference:
+        loss_x *= (8 * sum(COUNTS)) / (4 * 40)  # n_ulb |L| / (n_lb |U|)
     terms, masses = [], np.zeros(C)
     for w, s in zip(z_w, z_s, strict=True):
         q = _softmax([v + 2 * math.log(p) for v, p in zip(w, pi_u, strict=True)])
         keep = max(q) >= 0.3
-        masses += np.array(q) * keep
+        masses += np.array(q) * (keep if reference else 1.0)
         terms.append(keep * _naive_ce([v + 2 * math.log(p) for v, p in zip(s, pi, strict=True)], q))
     assert loss.item() == pytest.approx(loss_x + np.mean(terms), rel=1e-4)
     np.testing.assert_allclose(module.prior.unlabeled_mass.numpy(), masses, rtol=1e-5)
     assert module.prior.labeled_seen.tolist() == [1, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("ratio", [30, 300])
+def test_simpro_keeps_its_label_anchor_at_hyperkvasir_ratios(ratio):
+    """With an unlabeled pool 30 or 300 times the labeled set, the default labeled loss keeps its full weight;
+    the reference form's scale mu |L| / |U| would leave it 2 / ratio of it (mu 2 in this batch)."""
+    pool = ratio * sum(COUNTS)
+    batch = _batch(3)
+    default = _method("simpro", num_unlabeled=pool, threshold=1.0)  # threshold 1: no pseudo-label counts
+    scaled = _method("simpro", num_unlabeled=pool, threshold=1.0, **REFERENCE_FORM)
+    scaled.load_state_dict(default.state_dict())
+    loss, loss_scaled = default.training_step(batch, 0), scaled.training_step(batch, 0)
+    full = default.labeled_loss(
+        default.model(batch["lb"]["weak"]), batch["lb"]["label"], default.prior.train_prior
+    )
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    assert loss_scaled.item() == pytest.approx(full.item() * 2 / ratio, rel=1e-4)
 
 
 def test_acr_step_matches_the_naive_two_head_losses_and_predicts_with_the_balanced_head():
@@ -176,7 +277,10 @@ def test_priors_are_state_that_a_checkpoint_restores(name, tmp_path):
 
 TINY = tiny("trainer.max_steps=6", "data.val_fraction=0.2")
 # Every pseudo-label counts (ACR: from the second epoch on), so that the priors move within a few steps.
-EAGER = {"acr": ["method.threshold=0.0", "method.est_epoch=0"], "simpro": ["method.threshold=0.0"]}
+EAGER = {
+    "acr": ["method.threshold=0.0", "method.est_epoch=0"],
+    "simpro": ["method.threshold=0.0", "method.em_warmup_steps=0"],
+}
 
 
 def _data(archive) -> list[str]:
@@ -185,13 +289,20 @@ def _data(archive) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["acr", "simpro"])
-def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
+def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name, capsys):
     out = tmp_path / name
     assert (
         main(["fit", f"method={name}", f"output_dir={out}", *_data(synth_archive), *TINY, *EAGER[name]]) == 0
     )
     r = json.loads((out / "results.json").read_text())
     assert r["method"] == name and r["metrics"]["macro_f1"] >= 0
+    # The generated archive is balanced: ACR's training prior is uniform and it says once that it is inert.
+    printed = "".join(capsys.readouterr())
+    if name == "acr":
+        assert len(r["warnings"]) == 1 and "acr is inert" in r["warnings"][0]
+        assert printed.count("acr is inert") == 1
+    else:
+        assert r["warnings"] == [] and "inert" not in printed
     prior = r["unlabeled_prior"]
     assert list(prior) == r["classes"] and len(prior) == 23
     assert sum(prior.values()) == pytest.approx(1.0, abs=1e-5) and min(prior.values()) >= 0
@@ -207,7 +318,7 @@ def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
     # analyze sets the checkpoint's estimate beside the composition its classifier predicts for the unlabeled images.
     analysis = tmp_path / "analysis"
     args = [
-        f"checkpoint={r['checkpoint']}",
+        f"checkpoint={out / r['checkpoint']}",
         f"output_dir={analysis}",
         *_data(synth_archive),
         "data.num_workers=0",
@@ -217,7 +328,7 @@ def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name):
     from ssl_kvasir.analysis.embeddings import load_embeddings
     from ssl_kvasir.run.checkpoint import load_method
 
-    assert compared["estimated"] == pytest.approx(load_method(r["checkpoint"]).unlabeled_prior)
+    assert compared["estimated"] == pytest.approx(load_method(out / r["checkpoint"]).unlabeled_prior)
     store = load_embeddings(analysis / "embeddings")
     predicted = np.bincount(np.asarray(store.probs)[store.labels < 0].argmax(1), minlength=23) / 60
     assert list(compared["predicted"].values()) == pytest.approx(predicted.tolist())

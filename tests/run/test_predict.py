@@ -25,7 +25,7 @@ def test_evaluate_embed_and_self_training_predict_alike(synth_archive, tmp_path)
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
     fit_args = [*data, *tiny("method=fixmatch")]
     assert main(["fit", f"output_dir={tmp_path / 'run'}", *fit_args]) == 0
-    ckpt = json.loads((tmp_path / "run" / "results.json").read_text())["checkpoint"]
+    ckpt = tmp_path / "run" / json.loads((tmp_path / "run" / "results.json").read_text())["checkpoint"]
 
     assert main(["evaluate", f"checkpoint={ckpt}", f"output_dir={tmp_path / 'eval'}", *fit_args]) == 0
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())

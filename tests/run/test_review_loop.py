@@ -38,7 +38,7 @@ def test_reviewed_label_survives_into_round_two(synth_archive, tmp_path, monkeyp
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
     teacher = tmp_path / "teacher"
     assert main(["fit", "method=supervised", f"output_dir={teacher}", *data, *tiny()]) == 0
-    checkpoint = json.loads((teacher / "results.json").read_text())["checkpoint"]
+    checkpoint = teacher / json.loads((teacher / "results.json").read_text())["checkpoint"]
     exported = tmp_path / "export" / "authors.csv"
     args = [f"checkpoint={checkpoint}", f"output={exported}", "format=authors", "data.num_workers=0", *data]
     assert main(["export-pseudo-labels", *args]) == 0

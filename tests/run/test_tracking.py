@@ -113,7 +113,7 @@ def test_analyze_logs_to_a_wandb_run_of_its_own(
     assert main(["fit", f"output_dir={run}", *fit_args, *data]) == 0
     results = json.loads((run / "results.json").read_text())
     out = tmp_path / "analysis"
-    args = [f"checkpoint={results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0"]
+    args = [f"checkpoint={run / results['checkpoint']}", f"output_dir={out}", *data, "data.num_workers=0"]
     args += ["umap.n_neighbors=5", "cluster.enabled=false"]
     assert main(["analyze", *args]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))

@@ -38,12 +38,14 @@ def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive,
     ]
     assert main(args) == 0
     r = json.loads((out / "results.json").read_text())
-    assert (r["method"], r["backbone"], r["fold"], r["seed"], r["label_fraction"]) == (
-        "fixmatch",
-        "test_resnet",
-        1,
-        3,
-        0.5,
+    assert (r["method"], r["backbone"], r["fold"], r["seed"]) == ("fixmatch", "test_resnet", 1, 3)
+    assert r["format"] == "ssl_kvasir.results/1" and r["checkpoint"] == "checkpoints/best.ckpt"
+    # The budget as the split carries it; the labeled images it holds, counted apart.
+    assert r["label_budget"] == {"kind": "fraction", "amount": 0.5, "id": "frac0.5"}
+    assert (
+        r["n_labels_used"]
+        == r["n_labeled"] + r["n_val"]
+        == sum(r["labels_per_class_used"].values()) + r["n_val"]
     )
     assert r["n_labeled"] > 0 and r["n_unlabeled"] >= 60 and r["metrics_weights"] == "ema"
     assert r["config"]["method"]["masking"] == "flexmatch" and r["code_version"].startswith("0.1.0")
@@ -61,24 +63,15 @@ def test_fixmatch_fit_writes_results_and_evaluate_reproduces_them(synth_archive,
         "micro_recall",
         "balanced_accuracy",
     }
-    assert r["val_metrics"] is not None and "validation part of the training folds" in r["selection"]
+    assert r["val_metrics"] is not None and "validation part of the training folds" in r["selection"]["description"]
     assert (out / "checkpoints" / "last.ckpt").exists() and (out / "confusion_matrix.png").exists()
     assert "MCC" in capsys.readouterr().out
 
+    # Without data.fold, data.label_fraction or data.val_policy: evaluate takes the checkpoint's fold 1, budget
+    # and split, and scores exactly what the fit scored.
     ev = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                f"checkpoint={r['checkpoint']}",
-                f"output_dir={ev}",
-                "data.fold=1",
-                *_data(synth_archive),
-                *TINY,
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", f"checkpoint={out / r['checkpoint']}", f"output_dir={ev}", "data.num_workers=0"]
+    assert main([*evaluate, *_data(synth_archive)]) == 0
     e = json.loads((ev / "evaluation.json").read_text())
     assert e["confusion_matrix"] == r["confusion_matrix"] and e["metrics"] == r["metrics"]
 
@@ -149,7 +142,7 @@ def test_checkpoint_of_another_class_count_is_refused(synth_archive, tmp_path, c
 
     out = tmp_path / "run"
     assert main(["fit", f"output_dir={out}", *_data(synth_archive), *TINY]) == 0
-    ckpt = json.loads((out / "results.json").read_text())["checkpoint"]
+    ckpt = out / json.loads((out / "results.json").read_text())["checkpoint"]
     for cls in ("a", "b"):
         (tmp_path / "two" / cls).mkdir(parents=True)
         for i in range(4):
@@ -166,7 +159,7 @@ def test_checkpoint_of_another_class_count_is_refused(synth_archive, tmp_path, c
         ]
     )
     assert code == 2
-    assert "has 23 classes, the data" in capsys.readouterr().err
+    assert "was trained on 23 classes that the data at" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_last_checkpoint(synth_archive, tmp_path, capsys):

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import results_record as record
 
 from ssl_kvasir.cli import main
 from ssl_kvasir.errors import DataError
+from ssl_kvasir.names import LabelBudget
 from ssl_kvasir.study.curves import find_results_files, load_runs, summarize, write_curves
 
 
@@ -34,17 +36,15 @@ def write_run(
     budget = f"frac{fraction:g}" if per_class is None else f"lpc{per_class}"
     path = root / method / backbone / budget / f"fold{fold}" / f"seed{seed}" / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    results = {
-        "method": method,
-        "backbone": backbone,
-        "fold": fold,
-        "seed": seed,
-        "data_seed": seed,
-        "label_fraction": fraction,
-        "labels_per_class": per_class,
-        "metrics": {"mcc": mcc, "macro_f1": macro_f1, "micro_f1": micro_f1, "accuracy": micro_f1},
-        "config": {"logger": {"kind": "csv"}},
-    }
+    results = record(
+        method=method,
+        backbone=backbone,
+        fold=fold,
+        seed=seed,
+        data_seed=seed,
+        label_budget=LabelBudget.from_settings(fraction, per_class).record(),
+        metrics={"mcc": mcc, "macro_f1": macro_f1, "micro_f1": micro_f1, "accuracy": micro_f1},
+    )
     path.write_text(json.dumps(results))
     return path
 
@@ -61,7 +61,7 @@ def sweep(tmp_path: Path) -> Path:
     write_run(root, "supervised", 1.0, 1, 0, mcc=0.90, macro_f1=0.60, micro_f1=0.95)
     write_run(root, "supervised", None, 0, 0, mcc=0.30, macro_f1=0.10, micro_f1=0.40, per_class=25)
     # A self-training round's file beside a fixmatch run: not a run of its own.
-    write_run(root, "fixmatch", 0.1, 0, 0, mcc=-1.0, macro_f1=0.0, micro_f1=0.0, name="round_results.json")
+    write_run(root, "fixmatch", 0.1, 0, 0, mcc=-1.0, macro_f1=0.0, micro_f1=0.0, name="stage_results.json")
     return root
 
 
@@ -112,7 +112,7 @@ def test_other_metrics_and_round_files(sweep: Path, tmp_path: Path) -> None:
     report = write_curves([sweep], tmp_path / "out", metrics=["accuracy"])
     assert list(report.summary.columns[-2:]) == ["accuracy_mean", "accuracy_std"]
     assert len(report.runs) == 8
-    assert not any(Path(p).name == "round_results.json" for p in report.runs.path)
+    assert not any(Path(p).name == "stage_results.json" for p in report.runs.path)
     assert report.wandb_logged is False
 
 
@@ -147,24 +147,15 @@ def test_summary_against_a_naive_loop(tmp_path: Path) -> None:
     [
         ("{not json", "is not valid JSON"),
         ('["a list"]', "expected a JSON object"),
-        ('{"backbone": "r", "fold": 0, "seed": 0, "metrics": {}}', "missing field 'method'"),
+        ('{"method": "m"}', "unversioned results file"),
+        (json.dumps({k: v for k, v in record().items() if k != "method"}), "missing field 'method'"),
+        (json.dumps(record(metrics={"mcc": 0.1})), "'metrics' lacks 'macro_f1'"),
+        (json.dumps(record(fold=-1)), "'fold' must be a non-negative integer"),
         (
-            '{"method": "m", "backbone": "r", "fold": 0, "seed": 0, "label_fraction": 0.1, "metrics": {"mcc": 0.1}}',
-            "'metrics' lacks 'macro_f1'",
+            json.dumps(record(label_budget={"kind": "fraction", "amount": 1.5, "id": "frac1.5"})),
+            "must be a share in (0, 1], got 1.5",
         ),
-        (
-            '{"method": "m", "backbone": "r", "fold": -1, "seed": 0, "label_fraction": 0.1, "metrics": {}}',
-            "'fold' must be a non-negative integer",
-        ),
-        (
-            '{"method": "m", "backbone": "r", "fold": 0, "seed": 0, "label_fraction": 1.5, "metrics": {}}',
-            "'label_fraction' must be a number in (0, 1]",
-        ),
-        (
-            '{"method": "m", "backbone": "r", "fold": 0, "seed": 0, "label_fraction": null, '
-            '"labels_per_class": null, "metrics": {}}',
-            "exactly one of 'label_fraction' and 'labels_per_class'",
-        ),
+        (json.dumps(record(label_budget=None)), "'label_budget'"),
     ],
 )
 def test_malformed_file_exits_2_naming_it(

@@ -14,6 +14,8 @@ from PIL import Image
 from ssl_kvasir.cli import main
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
+from ssl_kvasir.names import LabelBudget
+from ssl_kvasir.run.folder import RESULTS_FORMAT
 from ssl_kvasir.study.report import (
     TABLE_METRICS,
     load_result,
@@ -38,14 +40,17 @@ def _confusion(seed: int) -> list[list[int]]:
     return rng.integers(0, 5, (23, 23)).tolist()
 
 
-def _results(method: str, backbone: str, fold: int, base: float, seed: int, **extra) -> dict:
+def _results(
+    method: str, backbone: str, fold: int, base: float, seed: int, label_fraction: float = 1.0, **extra
+) -> dict:
     return {
+        "format": RESULTS_FORMAT,
         "method": method,
         "backbone": backbone,
         "fold": fold,
         "seed": 0,
-        "label_fraction": 1.0,
-        "labels_per_class": None,
+        "label_budget": LabelBudget.from_settings(label_fraction, None).record(),
+        "n_labeled": 100,
         "classes": list(NAMES),
         "metrics": _metrics(base),
         "confusion_matrix": _confusion(seed),
@@ -193,6 +198,8 @@ def _break(results: dict, how: str) -> dict | str:
         results["confusion_matrix"][0][0] = -1
     elif how == "fold negative":
         results["fold"] = -1
+    elif how == "unversioned":
+        del results["format"]
     return json.dumps(results)
 
 
@@ -207,6 +214,7 @@ def _break(results: dict, how: str) -> dict | str:
         ("confusion not square", "23x23"),
         ("negative count", "non-negative integer counts"),
         ("fold negative", "'fold'"),
+        ("unversioned", "unversioned results file"),
     ],
 )
 def test_malformed_results_give_a_clean_cli_error(

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny
+from helpers import results_record, tiny
 
 from ssl_kvasir.study.status import MARKER, format_status, point_status, sweep_status, write_marker
 from ssl_kvasir.study.sweeps import Point, plan
@@ -117,8 +117,7 @@ def test_slurm_sweep_submits_once_and_status_follows_it(synth_archive: Path, clu
     assert line(lines, "frac0.5").startswith("failed ")
     assert "job 777_0 is gone (FAILED): RuntimeError: CUDA out of memory" in line(lines, "frac0.5")
     # One of them finished after all; the stale one is submitted again, alone.
-    results = {"metrics": {"mcc": 0.5}}
-    (point_dir(root, "frac1") / "results.json").write_text(json.dumps(results))
+    (point_dir(root, "frac1") / "results.json").write_text(json.dumps(results_record()))
     assert line(status(), "frac1").startswith("done ")
     done = make("pretrain", env, *pretrain)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -62,7 +62,7 @@ def test_two_point_sweep_writes_one_run_per_point(sweep_root: Path) -> None:
     assert found == sorted(run_dir(sweep_root, f) / "results.json" for f in FRACTIONS)
     for fraction in FRACTIONS:
         results = json.loads((run_dir(sweep_root, fraction) / "results.json").read_text())
-        assert results["fold"] == 1 and results["label_fraction"] == fraction and results["seed"] == 0
+        assert results["fold"] == 1 and results["label_budget"]["amount"] == fraction and results["seed"] == 0
         assert results["method"] == "supervised" and results["backbone"] == "test_resnet"
         # The folder's budget is spelled as the W&B group spells it, so runs and groups line up.
         assert results["group"] == f"supervised-test_resnet-frac{fraction:g}"
@@ -255,7 +255,7 @@ def test_local_ddp_sweep_fits_each_point_once(synth_archive: Path, tmp_path: Pat
         assert (point / "sweep.log").read_text().count("fitting ") == 1
         assert (point / "train_ddp_process_1.log").read_text().count("fitting ") == 1
         results = json.loads((point / "results.json").read_text())
-        assert results["config"]["trainer"]["devices"] == 2 and results["label_fraction"] == fraction
+        assert results["config"]["trainer"]["devices"] == 2 and results["label_budget"]["amount"] == fraction
         assert not (point / "job.json").exists()  # the marker goes when the point is done
         runs = list((point / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs
