@@ -188,9 +188,22 @@ def test_review_page_in_a_browser_feeds_self_training(checkpoint, synth_archive,
 
 def test_review_page_holds_the_selection_in_review_order(checkpoint, synth_archive, tmp_path):
     out = tmp_path / "analysis"
-    extra = ["review.limit=10", "cluster.enabled=false", "review.group_by=cluster"]
+    issues = tmp_path / "label_issues.csv"
+    args = _review_args(checkpoint, synth_archive, out, f"output={issues}", "label_issues.folds=2")
+    assert main(["label-issues", *args]) == 0
+    flagged = pd.read_csv(issues)
+    extra = [
+        "review.limit=10",
+        "cluster.enabled=false",
+        "review.group_by=cluster",
+        f"review.label_issues={issues}",
+    ]
     assert main(["review", *_review_args(checkpoint, synth_archive, out, *extra)]) == 0
     text = (out / "review" / "index.html").read_text()
+    # The suspect labels' section: one card per flagged image, with its thumbnail.
+    assert f"Suspect labels in the labeled set ({len(flagged)})" in text
+    assert text.count('class="card issue"') == len(flagged) > 0
+    assert all(p in text for p in flagged.path)
     data = json.loads(text.split('id="review-data">', 1)[1].split("</script>", 1)[0])
     assert len(data["rows"]) == 10 and data["groupBy"] == "cluster"
     # The page's rows are the first of the export's review order.
