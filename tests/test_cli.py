@@ -210,6 +210,33 @@ def test_config_values_are_refused_before_torch_is_imported() -> None:
     assert "data.batch_size must be >= 1, got 0" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fit", "output_dir=/y"],  # a missing data.root
+        ["fit", "data.root=/x", "output_dir=/y", "+data.bacth_size=8"],
+        ["analyze", "checkpoint=/dev/null", "data.root=/x", "output_dir=/y", "predictions=5"],
+        ["embed", "checkpoint=/", "data.root=/x", "output_dir=/y"],  # a checkpoint that is a folder
+        ["export-pseudo-labels", "checkpoint=/dev/null", "data.root=/x"],  # no output_dir, no output
+    ],
+    ids=["missing-key", "plus-key", "predictions", "checkpoint-folder", "no-output"],
+)
+def test_input_checks_run_before_torch_is_imported(argv: list[str]) -> None:
+    """The keys and paths a command names are checked right after its config, before torch is imported (two
+    checks ran after it): a mistake costs a second."""
+    code = (
+        "import sys\n"
+        "from ssl_kvasir.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip() == "torch not imported", proc.stderr
+    assert proc.stderr.startswith(f"ssl-kvasir {argv[0]}: error: "), proc.stderr
+
+
 @pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("protocol", ["matched", "paper"])
 def test_every_shipped_config_passes_validation(method: str, protocol: str) -> None:

@@ -363,14 +363,21 @@ def load_catalog(
 
 
 def fold_problems(images: pd.DataFrame, classes: ClassTable, n_folds: int) -> list[str]:
-    """Folds that hold no image, and folds that lack classes (as an evaluation fold such a fold cannot
-    measure those classes; as a training fold of a 2-fold split it cannot teach them).
+    """Folds that hold no image, folds that lack classes (as an evaluation fold such a fold cannot measure
+    those classes; as a training fold of a 2-fold split it cannot teach them), and a split whose images are all
+    in one fold (no pair of an evaluation fold and a fold to train on: ``fit`` refuses it).
 
     A split file's folds are numbered 0..max, so a file whose only rows are in fold 7 has seven empty folds.
     """
     lab = images[(images.label >= 0) & (images.fold >= 0)]
     present = [c for c in range(len(classes)) if (lab.label == c).any()]  # classes that have images at all
     problems = []
+    used = sorted(set(lab.fold))
+    if len(used) == 1:
+        problems.append(
+            f"every image of the split is in fold {used[0]}: a run needs an evaluation fold and another fold "
+            "to train on (a split has at least 2 folds)"
+        )
     for k in range(n_folds):
         labels = lab.label[lab.fold == k]
         if labels.empty:

@@ -14,6 +14,7 @@ backbones: their pooled features are concatenated, and the head decides how they
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,6 +196,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Not torch's advice to load it with weights_only=False: unpickling an object can run any code.
+        raise ConfigError(
+            f"weights file {path} holds not only tensors but pickled Python objects, which are never loaded "
+            "(unpickling can run code); save the tensors alone: torch.save(model.state_dict(), FILE)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ConfigError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     for key in ("state_dict", "model", "model_state_dict"):

@@ -280,3 +280,19 @@ def test_check_reports_empty_folds_and_every_bad_row(tmp_path, synth_archive, ca
     # Training refuses the same file at once, naming the first bad row and the count of the others.
     with pytest.raises(DataError, match=r":3: file name .* \(and 1 more problems; `ssl-kvasir check`"):
         load_catalog(root, split_file=split)
+
+
+def test_check_refuses_a_split_whose_images_are_all_in_one_fold(tmp_path, synth_archive, capsys) -> None:
+    """Every row naming fold 0: no evaluation fold with a fold to train on. `check` passed it (exit 0) and
+    `fit` refused it; now `check` lists it (exit 1)."""
+    split = tmp_path / "one_fold.csv"
+    rows = (synth_archive / "2_fold_split.csv").read_text().splitlines()
+    split.write_text("\n".join([rows[0], *(r.rsplit(";", 1)[0] + ";0" for r in rows[1:])]) + "\n")
+    args = ["check", "--root", str(synth_archive), "--split-file", str(split), "--json", "--no-decode"]
+    assert main(args) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["folds"] == {"0": 138}
+    assert out["problems"] == [
+        "every image of the split is in fold 0: a run needs an evaluation fold and another fold to train on "
+        "(a split has at least 2 folds)"
+    ]
