@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ssl_kvasir.console import quiet_console
 from ssl_kvasir.errors import SslKvasirError
+from ssl_kvasir.files import DISK_ERRNOS
 from ssl_kvasir.run.folder import RunFolder
 from ssl_kvasir.run.guard import FitInterrupted, Requeued
 
@@ -562,13 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     except SslKvasirError as e:
         _error_line(name, e)
         return 2
-    except OSError as e:  # the message names the path (io.atomic_write, AtomicCheckpointIO, hold_lock add it)
+    except (
+        OSError
+    ) as e:  # the message names the path (files.atomic_write, the embedding store, hold_lock add it)
         _error_line(name, e)
         return 1 if e.errno in RESOURCE_ERRNOS else 2
 
 
 # Errors of the machine, not of the input: the same command may succeed once space or the device is back.
-RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM}
+RESOURCE_ERRNOS = DISK_ERRNOS | {errno.ENOMEM}
 
 
 def _error_line(command: str, error: object, label: str = "error: ") -> None:
