@@ -563,9 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     except SslKvasirError as e:
         _error_line(name, e)
         return 2
-    except (
-        OSError
-    ) as e:  # the message names the path (files.atomic_write, the embedding store, hold_lock add it)
+    except OSError as e:  # the message names the path (atomic_write, the embedding store, hold_lock add it)
         _error_line(name, e)
         return 1 if e.errno in RESOURCE_ERRNOS else 2
 
