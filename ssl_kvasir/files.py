@@ -129,6 +129,19 @@ def _read_holder(path: Path) -> dict | None:
     return None if raw is None else _parse_holder(raw)
 
 
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s lock, in words (``ssl-kvasir prepare of DIR (pid 7 on node-3, since ...)``), or
+    None when nobody does: no lock, or a stale one whose process is gone. A holder on another host, which
+    cannot be checked, is named with that said."""
+    holder = _read_holder(Path(folder) / LOCK_FILE)
+    if holder is None:
+        return None
+    alive = _holder_alive(holder)
+    if alive is False:
+        return None
+    return _describe(holder) + ("" if alive else ", on another host: not checked")
+
+
 # A takeover takes microseconds; a claim this old was left by a process killed in the middle of one.
 ABANDONED_CLAIM_S = 30.0
 

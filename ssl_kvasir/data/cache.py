@@ -39,7 +39,7 @@ from PIL import Image
 
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock
+from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock, lock_holder
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1
@@ -433,8 +433,8 @@ class ImageCache:
         expected_size: when given, the size the cache must have been built at.
 
     Raises:
-        DataError: when the folder holds no manifest, the build did not finish, or the size differs from
-            ``expected_size``.
+        DataError: when the folder holds no manifest, the build did not finish (or is still running: the
+            message names the prepare that holds the lock), or the size differs from ``expected_size``.
     """
 
     def __init__(self, cache_dir: Path, expected_size: int | None = None):
@@ -445,6 +445,11 @@ class ImageCache:
                 f"{self.cache_dir} holds no {MANIFEST}: build the cache with `ssl-kvasir prepare`"
             )
         if not manifest.get("complete"):
+            holder = lock_holder(self.cache_dir)
+            if holder is not None:
+                raise DataError(
+                    f"cache {self.cache_dir} is still being built by {holder}: wait for it to finish"
+                )
             raise DataError(
                 f"cache {self.cache_dir} is incomplete (its build was interrupted): rerun ssl-kvasir prepare"
             )

@@ -433,3 +433,34 @@ def test_prepare_on_a_full_disk_is_one_line_naming_the_shard(synth_archive, tmp_
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-kvasir prepare:")]
     assert line.startswith(f"ssl-kvasir prepare: error: [Errno 28] cannot write {cache}/shard-")
     assert line.endswith(".bin: No space left on device")
+
+
+def test_a_cache_still_being_built_is_not_called_interrupted(synth_archive, tmp_path):
+    """An incomplete cache whose lock a live prepare holds is "still being built by" it; once that process
+    is gone, the same cache is "interrupted"."""
+    import socket
+    import subprocess
+    import sys
+
+    from ssl_kvasir.files import LOCK_FILE, _process_start
+
+    cache_dir = tmp_path / "cache"
+    _prepare(synth_archive, _synth_paths(synth_archive, 8), cache_dir)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    (cache_dir / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    prepare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": prepare.pid, "started": _process_start(prepare.pid)}
+        lock = {"what": f"ssl-kvasir prepare of {cache_dir}", "since": "05:00:00", **holder}
+        (cache_dir / LOCK_FILE).write_text(json.dumps(lock))
+        with pytest.raises(
+            DataError, match=rf"still being built by ssl-kvasir prepare of .*cache \(pid {prepare.pid} on "
+        ):
+            ImageCache(cache_dir)
+    finally:
+        prepare.kill()
+        prepare.wait()
+    with pytest.raises(
+        DataError, match="incomplete \\(its build was interrupted\\): rerun ssl-kvasir prepare"
+    ):
+        ImageCache(cache_dir)
