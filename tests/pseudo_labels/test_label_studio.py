@@ -180,13 +180,17 @@ def test_a_file_that_is_not_json_is_refused(tmp_path):
 
 
 def test_label_studio_sdk_accepts_the_tasks(tmp_path):
-    """Optional: Label Studio's own SDK parses the config and validates each task's prediction against it."""
+    """Optional: Label Studio's own SDK parses the labelling config and validates each task, its prediction and an
+    annotation as the export holds it, against that config (and refuses a class the config lacks)."""
     sdk = pytest.importorskip("label_studio_sdk.label_interface")
     path = write_pseudo_labels(_table(), tmp_path / "tasks.json", format="label-studio")
-    interface = sdk.LabelInterface(label_studio.labeling_config(HYPERKVASIR_CLASSES))
+    interface = sdk.LabelInterface((tmp_path / "tasks.label_config.xml").read_text())
     for task in json.loads(path.read_text()):
-        assert interface.validate_task(task)
+        # validate_task of SDK 2.1.2 calls validate_prediction without its argument: the parts one at a time.
+        assert interface.validate_task({"data": task["data"]})
         assert interface.validate_prediction(task["predictions"][0])
+    assert interface.validate_annotation(_annotation("polyps"))
+    assert not interface.validate_annotation(_annotation("cancer"))
 
 
 # -- the round trip through the real CLI ----------------------------------------------------------------------
