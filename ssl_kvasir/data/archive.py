@@ -77,6 +77,22 @@ def _list_images(folder: Path) -> list[Path]:
     )
 
 
+def links_outside(root: Path, paths: list[str], max_shown: int = 3) -> str | None:
+    """A note on the images of ``paths`` (relative to ``root``) that are symbolic links to files outside
+    ``root``, or None when there are none. They are read like any image (an archive assembled from links is
+    legitimate), but what a run reads should be visibly the archive's."""
+    base = Path(root).resolve()
+    outside = []
+    for p in paths:
+        path = Path(root) / p
+        if path.is_symlink() and not path.resolve().is_relative_to(base):
+            outside.append(f"{p} -> {path.resolve()}")
+    if not outside:
+        return None
+    shown = ", ".join(outside[:max_shown]) + (" ..." if len(outside) > max_shown else "")
+    return f"{len(outside)} images are symbolic links to files outside the archive {root}, read from there: {shown}"
+
+
 def scan_hyperkvasir(root: Path, classes: ClassTable = HYPERKVASIR_CLASSES) -> tuple[pd.DataFrame, list[str]]:
     """Find every image of a HyperKvasir archive.
 
@@ -115,6 +131,8 @@ def scan_hyperkvasir(root: Path, classes: ClassTable = HYPERKVASIR_CLASSES) -> t
         rows += [(p.name, f"{UNLABELED_DIR}/{p.name}", -1) for p in _list_images(unlabeled_dir)]
     if not unlabeled_dir.is_dir() or not any(r[2] < 0 for r in rows):
         problems.append(f"no unlabeled images in {unlabeled_dir}")
+    if (note := links_outside(root, [r[1] for r in rows])) is not None:
+        problems.append(note)
     return pd.DataFrame(rows, columns=["filename", "path", "label"]), problems
 
 
@@ -147,6 +165,8 @@ def scan_folder(root: Path, unlabeled_root: Path | None = None) -> tuple[pd.Data
         if not unlabeled:
             problems.append(f"no unlabeled images in {unlabeled_root}")
         rows += [(p.name, p.relative_to(base).as_posix(), -1) for p in unlabeled]
+    if (note := links_outside(base, [r[1] for r in rows])) is not None:
+        problems.append(note)
     return pd.DataFrame(rows, columns=["filename", "path", "label"]), classes, problems
 
 

@@ -296,3 +296,28 @@ def test_check_refuses_a_split_whose_images_are_all_in_one_fold(tmp_path, synth_
         "every image of the split is in fold 0: a run needs an evaluation fold and another fold to train on "
         "(a split has at least 2 folds)"
     ]
+
+
+def test_an_image_linked_from_outside_the_archive_gets_a_note(tmp_path, synth_archive, capsys) -> None:
+    """A .jpg that is a symbolic link to a file outside the archive is read from there, with a note in check
+    and prepare (it was read and cached without one); a link within the archive gets none."""
+    root = tmp_path / "archive"
+    shutil.copytree(synth_archive, root)
+    images = sorted((root / "unlabeled-images" / "images").iterdir())
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.move(images[0], outside)
+    images[0].symlink_to(outside)
+    images[1].unlink()
+    images[1].symlink_to(images[2])  # within the archive: no note
+    split = root / "2_fold_split.csv"
+    assert main(["check", "--root", str(root), "--split-file", str(split), "--json", "--no-decode"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    rel = images[0].relative_to(root).as_posix()
+    assert problems == [
+        f"1 images are symbolic links to files outside the archive {root}, read from there: {rel} -> {outside}"
+    ]
+    cache = tmp_path / "cache"
+    assert (
+        main(["prepare", "--root", str(root), "--cache", str(cache), "--size", "32", "--workers", "0"]) == 0
+    )
+    assert f"note: 1 images are symbolic links to files outside the archive {root}" in capsys.readouterr().out
