@@ -24,8 +24,6 @@ this on random inputs):
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -157,71 +155,3 @@ def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> list[dict]:
         {"class": str(name), "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
     ]
-
-
-def plot_confusion_matrix(
-    cm: np.ndarray,
-    class_names: Sequence[str],
-    path: str | os.PathLike,
-    title: str | None = None,
-    normalize: bool = False,
-) -> None:
-    """Draw a confusion matrix as a PNG, written atomically to ``path``.
-
-    Each non-zero cell shows its count (zeros are left blank so that the few errors stand out).
-
-    Args:
-        cm: counts of shape ``(C, C)``, rows = true class, columns = predicted class.
-        class_names: axis labels, one per class (full names, or the paper's letters A..W).
-        path: the PNG to write.
-        title: the figure title.
-        normalize: colour each cell by its share of the true class's images (row-normalised, so that the
-            recall of a 6-image class is as visible as that of a 1,148-image one) instead of by its count.
-            The cells still show counts.
-
-    Raises:
-        ValueError: when ``class_names`` does not match ``cm``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ssl_kvasir.files import atomic_write_bytes
-
-    cm = np.asarray(cm)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"a confusion matrix must be square (C, C), got shape {cm.shape}")
-    n_classes = cm.shape[0]
-    if len(class_names) != n_classes:
-        raise ValueError(f"{len(class_names)} class names for a {n_classes}x{n_classes} confusion matrix")
-    if normalize:
-        rows = cm.sum(axis=1, keepdims=True)  # (C, 1)
-        shade = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)  # (C, C)
-        vmax, bar_label = 1.0, "share of the true class"
-    else:
-        shade = cm.astype(np.float64)
-        vmax, bar_label = max(float(shade.max()), 1.0), "images"
-
-    # A figure object without pyplot: no global state, the Agg canvas renders it.
-    side = max(4.0, 0.42 * n_classes + 2.5)
-    fig = Figure(figsize=(side + 1.2, side))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(shade, cmap="Blues", vmin=0.0, vmax=vmax)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=bar_label)
-    ticks = np.arange(n_classes)
-    longest = max((len(str(name)) for name in class_names), default=1)
-    ax.set_xticks(ticks, labels=[str(n) for n in class_names], rotation=90 if longest > 2 else 0)
-    ax.set_yticks(ticks, labels=[str(n) for n in class_names])
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if title:
-        ax.set_title(title)
-    fontsize = 8 if n_classes <= 12 else 6
-    for i, j in zip(*np.nonzero(cm), strict=True):
-        # Dark text on light cells, light text on dark ones.
-        color = "white" if shade[i, j] > 0.5 * vmax else "black"
-        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize, color=color)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn import metrics as skm
 
 from ssl_kvasir.metrics import (
@@ -16,7 +15,6 @@ from ssl_kvasir.metrics import (
     confusion_matrix,
     metrics_from_confusion,
     per_class_report,
-    plot_confusion_matrix,
 )
 
 
@@ -142,25 +140,3 @@ def test_confusion_matrix_rejects_bad_labels(y_true, y_pred, n_classes, match) -
 def test_metrics_reject_bad_confusion(cm) -> None:
     with pytest.raises(ValueError):
         metrics_from_confusion(cm)
-
-
-@pytest.mark.parametrize("normalize", [False, True])
-def test_plot_writes_readable_png(tmp_path, normalize: bool) -> None:
-    rng = np.random.default_rng(0)
-    y_true = rng.integers(0, 5, 200)
-    cm = confusion_matrix(y_true, np.where(rng.random(200) < 0.8, y_true, 0), 5)
-    path = tmp_path / "sub" / "cm.png"
-    plot_confusion_matrix(cm, list("ABCDE"), path, title="five classes", normalize=normalize)
-    with Image.open(path) as image:
-        image.load()
-        assert image.format == "PNG"
-        assert image.width > 200 and image.height > 200
-        # Not a blank canvas: the cells are shaded.
-        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10
-    assert [p.name for p in path.parent.iterdir()] == ["cm.png"]  # no temporary file left behind
-
-
-def test_plot_rejects_wrong_names(tmp_path) -> None:
-    with pytest.raises(ValueError, match="3 class names"):
-        plot_confusion_matrix(np.eye(4, dtype=int), ["a", "b", "c"], tmp_path / "x.png")
-    assert not (tmp_path / "x.png").exists()

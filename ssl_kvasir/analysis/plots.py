@@ -1,14 +1,14 @@
-"""Figures of the unlabeled-data analysis, as PNGs written atomically, and their upload to W&B.
+"""Figures of the unlabeled-data analysis and of a run's confusion matrix, as PNGs written atomically.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` rendered by the Agg canvas: no pyplot, no global state,
-nothing that needs a display. matplotlib and wandb are imported inside the functions.
+nothing that needs a display. matplotlib is imported inside the functions.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -180,36 +180,77 @@ def plot_composition(
     return _save_png(fig, path)
 
 
+def plot_confusion_matrix(
+    cm: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str | None = None,
+    normalize: bool = False,
+) -> Path:
+    """Draw a confusion matrix as a PNG, written atomically to ``path``.
+
+    Each non-zero cell shows its count (zeros are left blank so that the few errors stand out).
+
+    Args:
+        cm: counts of shape ``(C, C)``, rows = true class, columns = predicted class.
+        class_names: axis labels, one per class (full names, or the paper's letters A..W).
+        path: the PNG to write.
+        title: the figure title.
+        normalize: colour each cell by its share of the true class's images (row-normalised, so that the
+            recall of a 6-image class is as visible as that of a 1,148-image one) instead of by its count.
+            The cells still show counts.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: when ``class_names`` does not match ``cm``.
+    """
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"a confusion matrix must be square (C, C), got shape {cm.shape}")
+    n_classes = cm.shape[0]
+    if len(class_names) != n_classes:
+        raise ValueError(f"{len(class_names)} class names for a {n_classes}x{n_classes} confusion matrix")
+    if normalize:
+        rows = cm.sum(axis=1, keepdims=True)  # (C, 1)
+        shade = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)  # (C, C)
+        vmax, bar_label = 1.0, "share of the true class"
+    else:
+        shade = cm.astype(np.float64)
+        vmax, bar_label = max(float(shade.max()), 1.0), "images"
+
+    side = max(4.0, 0.42 * n_classes + 2.5)
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(shade, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=bar_label)
+    ticks = np.arange(n_classes)
+    longest = max((len(str(name)) for name in class_names), default=1)
+    ax.set_xticks(ticks, labels=[str(n) for n in class_names], rotation=90 if longest > 2 else 0)
+    ax.set_yticks(ticks, labels=[str(n) for n in class_names])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title)
+    fontsize = 8 if n_classes <= 12 else 6
+    for i, j in zip(*np.nonzero(cm), strict=True):
+        # Dark text on light cells, light text on dark ones.
+        color = "white" if shade[i, j] > 0.5 * vmax else "black"
+        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize, color=color)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def plot_knn_confusion(
     y_true: np.ndarray, y_knn: np.ndarray, classes: ClassTable, path: str | os.PathLike, title: str = ""
 ) -> Path:
     """The confusion matrix of a kNN classifier (rows = true class), row-normalised colours, counts in cells.
 
-    Drawn by :func:`ssl_kvasir.metrics.plot_confusion_matrix`, with the paper's letters as axis labels.
+    Drawn by :func:`plot_confusion_matrix`, with the paper's letters as axis labels.
     """
-    from ssl_kvasir.metrics import confusion_matrix, plot_confusion_matrix
+    from ssl_kvasir.metrics import confusion_matrix
 
     cm = confusion_matrix(np.asarray(y_true), np.asarray(y_knn), len(classes))  # (C, C)
     plot_confusion_matrix(cm, classes.letters, path, title=title or "kNN classifier", normalize=True)
     return Path(path)
-
-
-def log_images_to_wandb(paths: Mapping[str, str | os.PathLike], step: int | None = None) -> bool:
-    """Log PNGs to the active W&B run, one key each.
-
-    Args:
-        paths: W&B key -> image file.
-        step: the W&B step (default: W&B's own).
-
-    Returns:
-        True when they were logged; False when no run is active (``wandb.run is None``) or wandb is not
-        installed, so analysis works the same without W&B.
-    """
-    try:
-        import wandb
-    except ImportError:
-        return False
-    if wandb.run is None:
-        return False
-    wandb.log({key: wandb.Image(str(p)) for key, p in paths.items()}, step=step)
-    return True

@@ -1,23 +1,23 @@
-"""Analysis figures are written as PNGs; W&B logging happens only with an active run."""
+"""Analysis figures and confusion matrices are written as PNGs."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ssl_kvasir.analysis.composition import composition_table
 from ssl_kvasir.analysis.plots import (
     class_colors,
-    log_images_to_wandb,
     plot_composition,
+    plot_confusion_matrix,
     plot_knn_confusion,
     plot_umap,
 )
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+from ssl_kvasir.metrics import confusion_matrix
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -43,15 +43,23 @@ def test_class_colors_are_distinct() -> None:
         assert len(set(class_colors(n))) == n
 
 
-def test_wandb_logging_needs_an_active_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    logged = []
-    fake = types.SimpleNamespace(
-        run=None, Image=lambda path: ("image", path), log=lambda data, step=None: logged.append((data, step))
-    )
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    assert log_images_to_wandb({"analysis/umap": tmp_path / "u.png"}) is False and logged == []
-    fake.run = object()
-    assert log_images_to_wandb({"analysis/umap": tmp_path / "u.png"}, step=3) is True
-    assert logged == [({"analysis/umap": ("image", str(tmp_path / "u.png"))}, 3)]
-    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-    assert log_images_to_wandb({"analysis/umap": tmp_path / "u.png"}) is False
+@pytest.mark.parametrize("normalize", [False, True])
+def test_plot_writes_readable_png(tmp_path, normalize: bool) -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 5, 200)
+    cm = confusion_matrix(y_true, np.where(rng.random(200) < 0.8, y_true, 0), 5)
+    path = tmp_path / "sub" / "cm.png"
+    plot_confusion_matrix(cm, list("ABCDE"), path, title="five classes", normalize=normalize)
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG"
+        assert image.width > 200 and image.height > 200
+        # Not a blank canvas: the cells are shaded.
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+    assert [p.name for p in path.parent.iterdir()] == ["cm.png"]  # no temporary file left behind
+
+
+def test_plot_rejects_wrong_names(tmp_path) -> None:
+    with pytest.raises(ValueError, match="3 class names"):
+        plot_confusion_matrix(np.eye(4, dtype=int), ["a", "b", "c"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
