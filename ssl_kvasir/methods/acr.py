@@ -42,7 +42,8 @@ class ACR(SemiSupervised):
 
     @classmethod
     def strategies(cls, config: dict) -> dict:
-        """``tau_min``, ``tau_max``, ``ema_u`` and the labeled class counts -> the adaptive adjustment."""
+        """``tau_min``, ``tau_max``, ``ema_u``, ``mix_estimate`` and the labeled stream's class counts -> the
+        adaptive adjustment."""
         config = dict(config)
         counts = config.get("labeled_class_counts")
         if counts is None:
@@ -52,6 +53,7 @@ class ACR(SemiSupervised):
             tau_min=config.pop("tau_min", 0.0),
             tau_max=config.pop("tau_max", 2.0),
             momentum=config.pop("ema_u", 0.99),
+            mix_estimate=config.pop("mix_estimate"),
         )
         return {**config, "adjustment": adjustment}
 
@@ -114,6 +116,17 @@ class ACR(SemiSupervised):
     def prior_estimator(self) -> PriorEstimator:
         """The balanced head's estimate of the unlabeled mix, which sets the adjustment's strength."""
         return self.adjustment
+
+    def fit_warnings(self) -> list[str]:
+        """ACR is inert when the training prior is uniform (a labels-per-class budget whose classes all have
+        their share, or ``data.sampler=class_balanced``): its three anchors coincide and every adjustment is a
+        constant shift of the logits."""
+        if not self.adjustment.inert:
+            return []
+        return [
+            "acr is inert here: the training prior is uniform (labels-per-class budget or class-balanced sampler), "
+            "so its anchors coincide and its adjustments change no prediction; it trains as FixMatch with two heads"
+        ]
 
     def on_train_epoch_start(self) -> None:
         """Set ``tau`` from the last epoch's estimate (the base's prior seam, :meth:`BaseMethod.on_train_epoch_start`)

@@ -48,12 +48,18 @@ class SimPro(SemiSupervised):
 
     @classmethod
     def strategies(cls, config: dict) -> dict:
-        """``ema_u`` and the labeled class counts -> the EM prior estimate."""
+        """``ema_u``, ``em_posteriors``, ``em_warmup_steps`` and the labeled stream's class counts -> the EM prior
+        estimate."""
         config = dict(config)
         counts = config.get("labeled_class_counts")
         if counts is None:
             raise ValueError("SimPro needs labeled_class_counts (the starting training prior)")
-        prior = EMClassPrior(counts, momentum=config.pop("ema_u", 0.9))
+        prior = EMClassPrior(
+            counts,
+            momentum=config.pop("ema_u", 0.9),
+            posteriors=config.pop("em_posteriors"),
+            warmup_steps=config.pop("em_warmup_steps"),
+        )
         return {**config, "prior": prior}
 
     def __init__(
@@ -66,7 +72,7 @@ class SimPro(SemiSupervised):
     ):
         super().__init__(**base)
         self.prior = prior
-        self.num_labeled = int(sum(self.hparams.labeled_class_counts))
+        self.num_labeled = round(sum(self.hparams.labeled_class_counts))  # |L|
 
     def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams

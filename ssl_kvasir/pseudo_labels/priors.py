@@ -18,15 +18,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssl_kvasir.names import EM_POSTERIORS, MIX_ESTIMATES
+
 ANCHORS = ("consistent", "uniform", "reversed")
 """ACR's anchor distributions for the unlabeled class mix, in the order of :func:`anchor_distributions`."""
 
-MIX_ESTIMATES = ("reference", "histogram")
-"""How ACR counts a step's confident predictions: each class at most once (the reference code) or each one."""
-
-EM_POSTERIORS = ("all", "confident")
-"""Which unlabeled posteriors SimPro's M-step averages: every one, or only those above the threshold (the
-reference code)."""
 
 EPS = 1e-12
 """Smallest share a prior takes inside a logarithm (the reference implementations' ``+ 1e-12``)."""

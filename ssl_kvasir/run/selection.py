@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-SELECTION_RULES = ("later", "earlier", "final")
+from ssl_kvasir.names import SELECTION_RULES
 
 
 def describe(rule: str, monitor: str, n_val: int, min_val_size: int) -> str:

@@ -38,6 +38,7 @@ def _method(cls, network, **extra):
     datamodule = SimpleNamespace(
         streams={"lb": SimpleNamespace(labels=np.arange(C)), "ulb": SimpleNamespace(rows=np.arange(8))},
         num_classes=C,
+        training_prior=np.full(C, 1 / C),
     )
     config = {**cls.data_kwargs(datamodule), **extra}
     module = cls.from_config(network, class_names=list("abcde"), max_steps=10, **config)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssl_kvasir.losses import logit_adjusted_cross_entropy
+from ssl_kvasir.names import MIX_ESTIMATES
 from ssl_kvasir.pseudo_labels.priors import (
-    MIX_ESTIMATES,
     AdaptiveLogitAdjustment,
     EMClassPrior,
     anchor_distributions,
