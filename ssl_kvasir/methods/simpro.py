@@ -31,6 +31,12 @@ class SimPro(SemiSupervised):
     ``scale_labeled_loss`` the labeled loss is divided by ``|U| / (mu |L|)``, as the reference code does: the
     EM objective sums over all images, and a step sees ``mu`` unlabeled images per labeled one.
 
+    At HyperKvasir's ratios (30 to 300 unlabeled images per labeled one) that scale leaves the labeled loss 1/30
+    to 1/282 of its weight, and the reference's M-step over the confident posteriors from the first epoch on
+    collapses the prior estimate; so the defaults (``configs/method/simpro.yaml``) train with the full labeled
+    loss, average every posterior and wait ``em_warmup_steps`` before the first M-step, and the reference form
+    is ``scale_labeled_loss=true em_posteriors=confident em_warmup_steps=0`` (README, "Rare classes").
+
     Departures from the reference code: the labeled loss on the weak view only (not weak and strong) and one
     strong view per unlabeled image (not two), the streams FixMatch uses, so that SimPro costs what FixMatch
     costs per step; the prior estimate is normalised (see :class:`EMClassPrior`).
