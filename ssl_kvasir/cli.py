@@ -50,6 +50,7 @@ def _check(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    _setup_logging()  # the progress lines of a long check, when stderr is not a terminal
     catalog = load_catalog(
         a.root,
         source=a.source,
@@ -231,8 +232,9 @@ def _prepare(argv: list[str]) -> int:
     )
     p.add_argument("--source", default="hyperkvasir", choices=["hyperkvasir", "folder"])
     p.add_argument("--unlabeled-root", type=Path, help="unlabeled images of a folder source")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     a = p.parse_args(argv)
+    _setup_logging()  # the progress lines of a long prepare, when stderr is not a terminal
     if a.split_file is not None or a.generate_folds:
         catalog = load_catalog(
             a.root,

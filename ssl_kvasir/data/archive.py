@@ -491,7 +491,8 @@ def inspect_images(
         paths: image paths relative to ``root``.
         decode: decode every image (else the structural check).
         workers: worker processes; 0 or 1 checks in this process.
-        progress: a progress bar with rate and ETA on stderr.
+        progress: report progress (:class:`ssl_kvasir.progress.Progress`: a bar on a terminal, log lines
+            otherwise).
         chunk: images per task.
 
     Returns:
@@ -499,26 +500,25 @@ def inspect_images(
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from ssl_kvasir.data.cache import _progress_bar, pool_context
+    from ssl_kvasir.data.cache import pool_context
+    from ssl_kvasir.progress import Progress
 
     paths = list(paths)
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     found: dict[str, str] = {}
     what = "decoding" if decode else "checking"
     if not workers or workers <= 1 or len(chunks) <= 1:
-        with _progress_bar(progress) as bar:
-            task = bar.add_task(f"{what} {len(paths)} images", total=len(paths))
+        with Progress(what, len(paths), enabled=progress) as bar:
             for c in chunks:
                 found.update(_inspect_chunk(str(root), c, decode))
-                bar.advance(task, len(c))
+                bar.advance(len(c))
     else:
         # The pool starts before the progress bar's refresh thread (forking with threads running is unsafe).
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=pool_context()) as pool:
             size_of = {pool.submit(_inspect_chunk, str(root), c, decode): len(c) for c in chunks}
-            with _progress_bar(progress) as bar:
-                task = bar.add_task(f"{what} {len(paths)} images", total=len(paths))
+            with Progress(what, len(paths), enabled=progress) as bar:
                 for future in as_completed(size_of):
                     found.update(future.result())
-                    bar.advance(task, size_of[future])
+                    bar.advance(size_of[future])
     order = {p: i for i, p in enumerate(paths)}
     return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))

@@ -40,6 +40,7 @@ from PIL import Image
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock, lock_holder
+from ssl_kvasir.progress import Progress
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1
@@ -190,44 +191,6 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    # Progress arrives a whole shard at a time, so rate and ETA come from the average since the start,
-    # not from rich's sliding window (which sees a few large jumps).
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            rate = task.completed / task.elapsed if task.elapsed and task.completed else None
-            return Text(f"{rate:,.0f} img/s" if rate else "- img/s")
-
-    class EtaColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            if not (task.elapsed and task.completed and task.total):
-                return Text("eta -:--:--")
-            left = int(task.elapsed * (task.total - task.completed) / task.completed)
-            return Text(f"eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        EtaColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _holding_the_cache_lock(build):
     """Run ``build`` holding the cache folder's lock: a second prepare of the same cache is refused (a stale
     lock, left by a killed prepare, is taken over). Within the lock, files of ``atomic_write`` that a killed
@@ -276,7 +239,8 @@ def prepare_cache(
         size: the shorter side of the cached images, in pixels.
         workers: worker processes; 0 or 1 builds in this process.
         shard_size: images per shard file.
-        progress: show a progress bar with rate and ETA on stderr.
+        progress: report progress (:class:`ssl_kvasir.progress.Progress`: a bar with rate and time left on a
+            terminal, a log line every 30 s or 10 % otherwise).
         quality: JPEG quality of the cached images.
 
     Returns:
@@ -341,15 +305,15 @@ def prepare_cache(
         atomic_write_json(cache_dir / MANIFEST, {**header, "complete": False, "shards": shard_list})
 
     n_new = 0
+    n_todo = sum(len(plan[i]) for i in todo)
     with (
         _shard_results(root, cache_dir, plan, todo, size, quality, workers) as results,
-        _progress_bar(progress and bool(todo)) as bar,
+        Progress(f"caching at {size} px", n_todo, enabled=progress and bool(todo)) as bar,
     ):
-        task = bar.add_task(f"caching at {size} px", total=sum(len(plan[i]) for i in todo))
         for i, record in results:
             records[i] = record
             n_new += len(record["paths"])
-            bar.advance(task, len(record["files"]))
+            bar.advance(len(record["files"]))
 
     final = _final_manifest(header, plan, records)
     if todo or manifest is None or not manifest.get("complete"):

@@ -10,7 +10,6 @@ images, and features are not even computed into host memory when nobody asks for
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.methods import BaseMethod
+from ssl_kvasir.progress import Progress
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -90,7 +90,7 @@ class Predictor:
         """For each batch of catalog ``rows`` (in order): probabilities (B, C) float32 and, if ``features``,
         features (B, D) float32 (None otherwise). Workers decode; the ``eval`` view is made on the device, as in
         training. A progress bar on a terminal, a closing log line otherwise."""
-        with _progress(what, len(rows)) as advance:
+        with Progress(what, len(rows), closing_line=True) as progress:
             for batch in datamodule.loader(rows, device_views=True):
                 x = datamodule.transfer(batch, self.device)["eval"]  # (B, 3, H, W)
                 if self.channels_last:
@@ -99,59 +99,9 @@ class Predictor:
                     f, logits = self.module.predict_batch(x)  # (B, D), (B, C)
                 probs = logits.float().softmax(1).cpu().numpy()
                 yield probs, (f.float().cpu().numpy() if features else None)
-                advance(len(x))
+                progress.advance(len(x))
 
     def probs(self, datamodule, rows: np.ndarray, what: str = "predicting") -> np.ndarray:
         """(N, C) probabilities of catalog ``rows`` (N x C floats: features are not kept)."""
         out = [p for p, _ in self.batches(datamodule, rows, what=what)]
         return np.concatenate(out) if out else np.empty((0, self.module.num_classes), np.float32)
-
-
-class _progress:
-    """A rich progress bar with a formatted rate when stderr is a terminal; one log line at the end otherwise."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.bar = what, total, None
-
-    def __enter__(self):
-        import time
-
-        self.start = time.perf_counter()
-        self.done = 0
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(self.what),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.what, total=self.total, rate="")
-        return self.advance
-
-    def advance(self, n: int) -> None:
-        import time
-
-        self.done += n
-        if self.bar is not None:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
-
-    def __exit__(self, *exc) -> None:
-        import time
-
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        if exc[0] is None:
-            elapsed = time.perf_counter() - self.start
-            log.info(
-                "%s: %d images in %.1f s (%.0f img/s)",
-                self.what,
-                self.done,
-                elapsed,
-                self.done / max(elapsed, 1e-9),
-            )

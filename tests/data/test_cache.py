@@ -464,3 +464,23 @@ def test_a_cache_still_being_built_is_not_called_interrupted(synth_archive, tmp_
         DataError, match="incomplete \\(its build was interrupted\\): rerun ssl-kvasir prepare"
     ):
         ImageCache(cache_dir)
+
+
+def test_prepare_without_a_terminal_prints_progress_lines(synth_archive, tmp_path):
+    """Output going to a file: a line every 10 % (or 30 s) with the rate and the time left, where a progress
+    bar printed nothing."""
+    import re
+    import subprocess
+    import sys
+
+    argv = ["prepare", "--root", str(synth_archive), "--cache", str(tmp_path / "c"), "--size", "32"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssl_kvasir.cli", *argv, "--workers", "0", "--shard-size", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pattern = r"INFO caching at 32 px: \d+ of 198 images \((\d+) %\), [\d,]+ images/s, about \d+ s left"
+    shares = [int(m.group(1)) for m in re.finditer(pattern, proc.stderr)]
+    assert len(shares) == 9 and shares == sorted(shares), proc.stderr  # 10 % .. 90 %

@@ -198,3 +198,15 @@ def test_an_overwritten_checkpoint_is_embedded_again(trained, tmp_path, capsys):
     assert main(["export-pseudo-labels", *args, f"embeddings={old_store}"]) == 2
     err = capsys.readouterr().err
     assert f"embeddings={old_store} holds the embeddings of another checkpoint" in err
+
+
+def test_embedding_without_a_terminal_prints_progress_lines(trained, tmp_path, capsys):
+    """With stderr not a terminal (here captured), the embedding says how far it is every 10 % or 30 s, with
+    the time left: on the full archive it used to print nothing for 6.7 minutes."""
+    import re
+
+    assert main(["embed", *_analysis_args(trained, tmp_path / "e", "embed.batch_size=16")]) == 0
+    err = capsys.readouterr().err
+    lines = re.findall(r"embedding: [\d,]+ of 198 images \(\d+ %\), [\d,]+ images/s, about .* left", err)
+    assert len(lines) >= 5, err  # 13 batches of 16: a line at each 10 % they cross
+    assert re.search(r"embedding: 198 images in [\d.]+ s", err)
