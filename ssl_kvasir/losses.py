@@ -73,3 +73,48 @@ def logit_adjusted_cross_entropy(
     if targets.dim() == 1:
         return F.cross_entropy(adjusted, targets, reduction=reduction)
     return soft_cross_entropy(adjusted, targets, reduction=reduction)
+
+
+def probability_mse(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean Teacher's consistency cost: the squared difference of the student's probabilities and the teacher's,
+    averaged over classes and images (USB's ``consistency_loss(..., 'mse')``).
+
+    Args:
+        logits: (B, C) of the student.
+        targets: (B, C) probabilities of the teacher (no gradient flows into them).
+    """
+    return ((logits.softmax(dim=1) - targets) ** 2).mean()
+
+
+def fairness_loss(
+    logits_s: torch.Tensor, mask: torch.Tensor, class_probs: torch.Tensor, label_hist: torch.Tensor
+) -> torch.Tensor:
+    """FreeMatch's self-adaptive fairness loss (Wang et al., ICLR 2023, eq. 9):
+    ``L_f = -H(SumNorm(p~ / h~), SumNorm(p_bar / h_bar))``, with ``H(p, q) = -sum_c p_c log q_c``.
+
+    ``p~`` and ``h~`` are the running averages of the predicted probabilities and of the histogram of predicted
+    classes (:class:`~ssl_kvasir.pseudo_labels.masking.SelfAdaptiveThreshold`); ``p_bar`` and ``h_bar`` are the
+    same on this step's strong views that passed the mask. Dividing by the histograms keeps the loss from simply
+    pushing every class to the same share. As in USB's ``entropy_loss``, a class absent from a histogram gets a
+    factor 0 (not infinity), and the loss is 0 when no image passed the mask.
+
+    Args:
+        logits_s: (B, C) strong-view logits.
+        mask: (B,) weights; a positive weight selects the image.
+        class_probs: (C,) ``p~``.
+        label_hist: (C,) ``h~``.
+    """
+    selected = logits_s[mask > 0]  # (M, C)
+    if len(selected) == 0:
+        return logits_s.sum() * 0.0  # keeps the graph (and the loss's dtype and device)
+    probs = selected.float().softmax(dim=1)  # (M, C)
+    hist = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).float()  # (C,)
+    hist = hist / hist.sum()
+
+    def sum_norm(p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        scaled = p * torch.where(h > 0, 1.0 / h, torch.zeros_like(h))  # (C,)
+        return scaled / scaled.sum()
+
+    target = sum_norm(class_probs.float(), label_hist.float()).detach()  # (C,)
+    estimate = sum_norm(probs.mean(0), hist)  # (C,)
+    return (target * torch.log(estimate + 1e-12)).sum()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny
 
 from ssl_kvasir import cli
 from ssl_kvasir.config import CHECKPOINT_RULES, compose, method_names, validate
@@ -77,9 +78,74 @@ def bad_inputs(synth_archive: Path, tmp_path_factory: pytest.TempPathFactory) ->
     }
 
 
+@pytest.fixture(scope="module")
+def trained(synth_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What the table's checkpoint rows apply or resume (issue 19):
+
+    - ``ckpt``: a tiny fit's selected checkpoint, trained with fold 1 held out, at 32 px, every label;
+    - ``killed``: a copy of that run's folder as if killed after its last checkpoint (no results.json), whose
+      split file ``run_split`` was edited since (its rows reordered: the same images and folds);
+    - ``swapped_split``: the archive's split file with its two folds swapped;
+    - ``three_ckpt``: a checkpoint trained on a folder archive of classes cecum, ileum, polyps, and
+      ``other_classes``: an archive of the same counts whose classes are aaa, bbb, ccc;
+    - ``empty_results``: a run folder whose results.json holds ``{}``.
+    """
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("trained")
+    run_split = tmp / "split.csv"
+    shutil.copy(synth_archive / "2_fold_split.csv", run_split)
+    run = tmp / "run"
+    fit = [f"data.root={synth_archive}", f"data.split_file={run_split}", "data.fold=1"]
+    done = run_cli("fit", f"output_dir={run}", *fit, *TINY_RUN)
+    assert done.returncode == 0, done.stderr
+    killed = tmp / "killed"
+    shutil.copytree(run, killed)
+    (killed / "results.json").unlink()
+    header, *rows = run_split.read_text().splitlines()
+    run_split.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    swapped = tmp / "swapped.csv"
+    flip = {"0": "1", "1": "0"}
+    swapped.write_text(
+        "\n".join([header, *(f"{r.rsplit(';', 1)[0]};{flip[r.rsplit(';', 1)[1]]}" for r in rows)]) + "\n"
+    )
+    for names, root in (
+        (("cecum", "ileum", "polyps"), tmp / "three"),
+        (("aaa", "bbb", "ccc"), tmp / "other"),
+    ):
+        for c, name in enumerate(names):
+            (root / name).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (16, 16), (40 * i, 80 * c, 0)).save(root / name / f"{i}.jpg")
+    three = tmp / "three_run"
+    folder = ["data=folder", f"data.root={tmp / 'three'}", "data.generate_folds=2", "data.val_fraction=0.5"]
+    done = run_cli("fit", f"output_dir={three}", *folder, *TINY_RUN)
+    assert done.returncode == 0, done.stderr
+    empty = tmp / "empty_results"
+    empty.mkdir()
+    (empty / "results.json").write_text("{}")
+    return {
+        "ckpt": run / "checkpoints" / "best.ckpt",
+        "killed": killed,
+        "run_split": run_split,
+        "swapped_split": swapped,
+        "three_ckpt": three / "checkpoints" / "best.ckpt",
+        "other_classes": tmp / "other",
+        "empty_results": empty,
+    }
+
+
 # (command, arguments, exit status, what the one line must name); {root}, {split}, {out} and the keys of the
-# bad_inputs fixture are filled in per test.
+# bad_inputs and trained fixtures are filled in per test.
 FIT = ["data.root={root}", "data.split_file={split}", "output_dir={out}", "logger=csv"]
+TINY_RUN = tiny("trainer.max_steps=2")  # the trained fixture's fit
+APPLY = [
+    "checkpoint={ckpt}",
+    "data.root={root}",
+    "data.split_file={split}",
+    "output_dir={out}",
+    "data.num_workers=0",
+]
 CASES = [
     ("fit", [*FIT, "data.batch_size=0"], 2, ["data.batch_size", "0"]),
     ("fit", [*FIT, "data.image_size=0"], 2, ["data.image_size"]),
@@ -174,13 +240,57 @@ CASES = [
         ["output=", "is a folder: name the file to write"],
     ),
     ("fit", [*FIT, "backbone.weights={payload}"], 2, ["payload.pth", "not only tensors"]),
+    # Issue 19: the checkpoint is the source of truth. A setting given that disagrees with it is refused, naming
+    # both values (evaluate used to score the checkpoint's own training images, or at 224 px); so are data whose
+    # split or classes are not the checkpoint's (folds swapped; other class names of the same count).
+    *(
+        (command, [*APPLY, setting], 2, named)
+        for command in ("evaluate", "analyze")
+        for setting, named in (
+            ("data.fold=0", ["data.fold=0", "the checkpoint's is 1"]),
+            ("data.image_size=64", ["data.image_size=64", "the checkpoint's is 32"]),
+            ("data.label_fraction=0.5", ["label budget frac0.5", "the checkpoint's is frac1"]),
+        )
+    ),
+    (
+        "evaluate",
+        ["checkpoint={ckpt}", "data.root={root}", "data.split_file={swapped_split}", "output_dir={out}"],
+        2,
+        ["best.ckpt was trained and evaluated on other images than the split"],
+    ),
+    *(
+        (
+            command,
+            [
+                "checkpoint={three_ckpt}",
+                "data=folder",
+                "data.root={other_classes}",
+                "data.generate_folds=2",
+                "output_dir={out}",
+            ],
+            2,
+            ["was trained on 3 classes that the data at", "cecum / aaa"],
+        )
+        for command in ("evaluate", "analyze")
+    ),
+    # An edited input file between a kill and the resume: the same command is refused, naming the file.
+    (
+        "fit",
+        ["data.root={root}", "data.split_file={run_split}", "data.fold=1", "output_dir={killed}", *TINY_RUN],
+        2,
+        ["data.split_file", "split.csv changed since the run started", "put the file back"],
+    ),
+    # A results.json holding {}: one line naming it (it was "the run is done", then a KeyError traceback).
+    ("fit", [*FIT[:2], "output_dir={empty_results}", "logger=csv"], 2, ["results.json", "unversioned"]),
 ]
 
 
 @pytest.mark.parametrize(
     ("command", "args", "status", "named"), CASES, ids=[f"{c[0]}-{c[1][-1]}" for c in CASES]
 )
-def test_bad_input_is_one_line(synth_archive, bad_inputs, tmp_path, command, args, status, named) -> None:
+def test_bad_input_is_one_line(
+    synth_archive, bad_inputs, trained, tmp_path, command, args, status, named
+) -> None:
     fill = {
         "root": synth_archive,
         "split": synth_archive / "2_fold_split.csv",
@@ -191,6 +301,7 @@ def test_bad_input_is_one_line(synth_archive, bad_inputs, tmp_path, command, arg
         "run": bad_inputs["run"],
         "file": bad_inputs["file"],
         "payload": bad_inputs["payload"],
+        **trained,
     }
     proc = run_cli(command, *[a.format(**fill) for a in args])
     assert_one_line(proc, command, status, *named)

@@ -3,8 +3,12 @@
 from ssl_kvasir.methods.acr import ACR
 from ssl_kvasir.methods.base import BaseMethod, TrainingDiverged
 from ssl_kvasir.methods.fixmatch import FixMatch
+from ssl_kvasir.methods.freematch import FreeMatch
+from ssl_kvasir.methods.mean_teacher import MeanTeacher
+from ssl_kvasir.methods.pseudo_label import PseudoLabel
 from ssl_kvasir.methods.self_training import SelfTraining
 from ssl_kvasir.methods.simpro import SimPro
+from ssl_kvasir.methods.softmatch import SoftMatch
 from ssl_kvasir.methods.supervised import Supervised
 
 METHODS: dict[str, type[BaseMethod]] = {
@@ -13,6 +17,10 @@ METHODS: dict[str, type[BaseMethod]] = {
     "self_training": SelfTraining,
     "acr": ACR,
     "simpro": SimPro,
+    "pseudo_label": PseudoLabel,
+    "mean_teacher": MeanTeacher,
+    "freematch": FreeMatch,
+    "softmatch": SoftMatch,
 }
 
 __all__ = [
@@ -20,8 +28,12 @@ __all__ = [
     "METHODS",
     "BaseMethod",
     "FixMatch",
+    "FreeMatch",
+    "MeanTeacher",
+    "PseudoLabel",
     "SelfTraining",
     "SimPro",
+    "SoftMatch",
     "Supervised",
     "TrainingDiverged",
 ]

@@ -50,9 +50,9 @@ class ACR(SemiSupervised):
             raise ValueError("ACR needs labeled_class_counts (the labeled class prior)")
         adjustment = AdaptiveLogitAdjustment(
             counts,
-            tau_min=config.pop("tau_min", 0.0),
-            tau_max=config.pop("tau_max", 2.0),
-            momentum=config.pop("ema_u", 0.99),
+            tau_min=config.pop("tau_min"),
+            tau_max=config.pop("tau_max"),
+            momentum=config.pop("ema_u"),
             mix_estimate=config.pop("mix_estimate"),
         )
         return {**config, "adjustment": adjustment}
@@ -60,11 +60,11 @@ class ACR(SemiSupervised):
     def __init__(
         self,
         adjustment: AdaptiveLogitAdjustment,
-        threshold: float = 0.95,
-        lambda_u: float = 1.0,
-        tau_balanced: float = 2.0,
-        tau_pseudo_balanced: float = 2.0,
-        est_epoch: int = 5,
+        threshold: float,
+        lambda_u: float,
+        tau_balanced: float,
+        tau_pseudo_balanced: float,
+        est_epoch: int,
         **base,
     ):
         super().__init__(**base)

@@ -54,23 +54,23 @@ class FixMatch(SemiSupervised):
         """``masking``/``alignment`` names (with ``threshold``, ``ema_p``, ``n_sigma``) -> strategy objects."""
         config = dict(config)
         knobs = Knobs(
-            threshold=config.pop("threshold", 0.95),
-            ema_p=config.pop("ema_p", 0.999),
-            n_sigma=config.pop("n_sigma", 2.0),
+            threshold=config.pop("threshold"),
+            ema_p=config.pop("ema_p"),
+            n_sigma=config.pop("n_sigma"),
             num_unlabeled=config["num_unlabeled"],
             num_classes=len(config["class_names"]),
             labeled_class_counts=config.get("labeled_class_counts"),
         )
-        masking = build_masking(config.pop("masking", "fixed"), knobs)
-        alignment = build_alignment(config.pop("alignment", None), knobs)
+        masking = build_masking(config.pop("masking"), knobs)
+        alignment = build_alignment(config.pop("alignment"), knobs)
         return {**config, "masking": masking, "alignment": alignment}
 
     def __init__(
         self,
         masking: Masking,
-        alignment: nn.Module | None = None,
-        lambda_u: float = 1.0,
-        teacher: str = "model",
+        alignment: nn.Module | None,
+        lambda_u: float,
+        teacher: str,
         **base,
     ):
         super().__init__(**base)

@@ -62,7 +62,7 @@ class SimPro(SemiSupervised):
             raise ValueError("SimPro needs labeled_class_counts (the starting training prior)")
         prior = EMClassPrior(
             counts,
-            momentum=config.pop("ema_u", 0.9),
+            momentum=config.pop("ema_u"),
             posteriors=config.pop("em_posteriors"),
             warmup_steps=config.pop("em_warmup_steps"),
         )
@@ -71,9 +71,9 @@ class SimPro(SemiSupervised):
     def __init__(
         self,
         prior: EMClassPrior,
-        threshold: float = 0.95,
-        lambda_u: float = 1.0,
-        scale_labeled_loss: bool = True,
+        threshold: float,
+        lambda_u: float,
+        scale_labeled_loss: bool,
         **base,
     ):
         super().__init__(**base)

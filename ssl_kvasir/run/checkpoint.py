@@ -124,10 +124,6 @@ def load_method(checkpoint: Path, map_location: str = "cpu") -> BaseMethod:
         DataError: when the file is not a ssl_kvasir checkpoint, or records no data settings.
     """
     checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        raise DataError(
-            f"checkpoint {checkpoint} is a folder; name a .ckpt file (e.g. its checkpoints/best.ckpt)"
-        )
     if not checkpoint.is_file():
         raise DataError(f"checkpoint {checkpoint} does not exist")
     try:

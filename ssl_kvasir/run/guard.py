@@ -57,6 +57,7 @@ PATH_KEYS = ("data.root", "data.split_file", "data.unlabeled_root", "backbone.we
 # resume would train the rest of the run on other data.
 INPUT_FILES = ("data.split_file", "method.pseudo.file", "backbone.weights")
 CONTENT = "#sha256"
+CHANGED = " changed since the run started (its content differs)"
 
 
 class RunMismatch(SslKvasirError):
@@ -183,7 +184,7 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
             continue
         if key.endswith(CONTENT):
             name = key.removesuffix(CONTENT)
-            found.append(f"{name} {current.get(name)} changed since the run started (its content differs)")
+            found.append(f"{name} {current.get(name)}{CHANGED}")
         else:
             found.append(f"{key}: {json.dumps(recorded[key])} -> {json.dumps(current[key])}")
     return found
@@ -191,6 +192,12 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 def _refuse(out: Path, what: str, diff: list[str]) -> RunMismatch:
     shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    if all(line.endswith(CHANGED) for line in diff):
+        # Same settings, an input file edited since the run started: resuming would mix the two versions.
+        return RunMismatch(
+            f"{what}: {shown}; put the file back as it was to resume, or start afresh with another "
+            f"output_dir (or delete {out})"
+        )
     return RunMismatch(
         f"{what} is of another run ({shown}); to start afresh use another output_dir, or delete {out}"
     )

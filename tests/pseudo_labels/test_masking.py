@@ -180,3 +180,72 @@ def test_fixmatch_cosine_schedule():
     assert fixmatch_cosine(50, 100) == pytest.approx(math.cos(7 * math.pi * 50 / 1600))
     assert fixmatch_cosine(0, 100, warmup_steps=10) == pytest.approx(0.1)
     assert fixmatch_cosine(10, 100, warmup_steps=10) == 1.0
+
+
+def test_self_adaptive_threshold_updates_then_masks_as_computed_by_hand():
+    """FreeMatch's SAT on three fixed predictions, momentum 0.5, from the uniform start (tau = p~ = h~ = 1/2)."""
+    from ssl_kvasir.pseudo_labels.masking import SelfAdaptiveThreshold
+
+    sat = SelfAdaptiveThreshold(num_classes=2, momentum=0.5)
+    probs = torch.tensor([[0.8, 0.2], [0.45, 0.55], [0.56, 0.44]])
+    mask = sat.step(probs, torch.arange(3))
+    # tau = 0.5 * 1/2 + 0.5 * mean(0.8, 0.55, 0.56); p~ = 0.5 * 1/2 + 0.5 * mean probs; h~ from classes (0, 1, 0).
+    tau = 0.5 * 0.5 + 0.5 * (0.8 + 0.55 + 0.56) / 3
+    p = [0.5 * 0.5 + 0.5 * (0.8 + 0.45 + 0.56) / 3, 0.5 * 0.5 + 0.5 * (0.2 + 0.55 + 0.44) / 3]
+    h = [0.5 * 0.5 + 0.5 * 2 / 3, 0.5 * 0.5 + 0.5 * 1 / 3]
+    assert sat.global_threshold.item() == pytest.approx(tau)
+    assert sat.class_probs.tolist() == pytest.approx(p)
+    assert sat.label_hist.tolist() == pytest.approx(h)
+    thresholds = [p[0] / max(p) * tau, p[1] / max(p) * tau]  # MaxNorm(p~) * tau
+    assert sat.class_thresholds().tolist() == pytest.approx(thresholds)
+    expected = [float(0.8 >= thresholds[0]), float(0.55 >= thresholds[1]), float(0.56 >= thresholds[0])]
+    assert mask.tolist() == expected == [1.0, 1.0, 0.0]
+
+
+def test_truncated_gaussian_weights_update_then_weigh_as_computed_by_hand():
+    """SoftMatch's weights on three fixed predictions of four classes, momentum 0.5, n_sigma 2."""
+    from ssl_kvasir.pseudo_labels.masking import TruncatedGaussianWeights
+
+    tg = TruncatedGaussianWeights(num_classes=4, momentum=0.5, n_sigma=2.0)
+    probs = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.5, 0.3, 0.1, 0.1], [0.3, 0.25, 0.25, 0.2]])
+    weights = tg.step(probs, torch.arange(3))
+    conf = [0.9, 0.5, 0.3]
+    mean = sum(conf) / 3
+    var = sum((c - mean) ** 2 for c in conf) / 2  # unbiased
+    mu, sigma2 = 0.5 * 0.25 + 0.5 * mean, 0.5 * 1.0 + 0.5 * var  # from mu_0 = 1/C, sigma_0^2 = 1
+    assert tg.conf_mean.item() == pytest.approx(mu) and tg.conf_var.item() == pytest.approx(sigma2)
+    expected = [
+        1.0,
+        1.0,
+        math.exp(-((0.3 - mu) ** 2) / (2 * sigma2 / 2.0**2)),
+    ]  # only 0.3 lies below the mean
+    assert weights.tolist() == pytest.approx(expected)
+    assert 0.9 < expected[2] < 1.0
+
+
+@pytest.mark.parametrize("kind", ["freematch", "softmatch"])
+def test_adaptive_masking_state_is_in_the_state_dict_and_restores(kind):
+    from ssl_kvasir.pseudo_labels.masking import Knobs, build_masking
+
+    knobs = Knobs(
+        threshold=0.95, ema_p=0.9, n_sigma=2.0, num_unlabeled=10, num_classes=3, labeled_class_counts=None
+    )
+    trained, fresh = build_masking(kind, knobs), build_masking(kind, knobs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        trained.step(torch.rand(6, 3, generator=g).softmax(1), torch.arange(6))
+    fresh.load_state_dict(trained.state_dict())
+    probs = torch.rand(6, 3, generator=g).softmax(1)
+    assert torch.equal(fresh.step(probs, torch.arange(6)), trained.step(probs, torch.arange(6)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
+
+
+def test_masking_and_alignment_registries_are_the_names_config_checks():
+    from ssl_kvasir import names
+    from ssl_kvasir.pseudo_labels.masking import ALIGNMENTS, MASKINGS
+
+    assert tuple(MASKINGS) == names.MASKINGS
+    assert (None, *ALIGNMENTS) == names.ALIGNMENTS
