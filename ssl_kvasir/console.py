@@ -37,6 +37,10 @@ def quiet_console() -> None:
     """
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # Under DDP, Lightning advises sync_dist=True for every metric logged at the end of an evaluation epoch.
+    # Each process evaluates the whole set (no distributed sampler: methods.base), so there is nothing to
+    # reduce, and the advice, once per metric and process, only misleads.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True")
     os.environ.setdefault("WANDB_QUIET", "true")  # W&B's run summary tables; its warnings still show
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, QuietThirdParty) for f in handler.filters):

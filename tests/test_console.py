@@ -62,3 +62,51 @@ def test_a_sweep_point_logs_each_message_once(synth_archive: Path, tmp_path: Pat
     text = point_log.read_text()
     _assert_quiet(text)
     assert text.count("fitting ") == 1 and text.count("GPU available") == 1
+
+
+DISTRIBUTED_EVALUATION = """
+import sys
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+if sys.argv[1] == "quiet":
+    from ssl_kvasir.console import quiet_console
+
+    quiet_console()
+
+
+class Evaluated(pl.LightningModule):  # logs its metrics as methods.base does: sync_dist=False, every process
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.log_dict({{"val/mcc": 0.5, "val/macro_f1": 0.25}}, sync_dist=False, rank_zero_only=False)
+
+
+trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+trainer.validate(Evaluated(), DataLoader(TensorDataset(torch.zeros(4, 2)), batch_size=2), verbose=False)
+"""
+
+
+@pytest.mark.parametrize(("console", "expected"), [("lightning", 2), ("quiet", 0)])
+def test_the_sync_dist_advice_is_silenced_where_each_process_evaluates_everything(console, expected) -> None:
+    """In a process group (DDP) Lightning advises sync_dist=True once per epoch-level metric (18 lines per
+    point); every process evaluates the whole set, so the quiet console drops the advice."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = DISTRIBUTED_EVALUATION.format(port=port)
+    done = subprocess.run(
+        [sys.executable, "-c", script, console], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("sync_dist=True") == expected, done.stderr
