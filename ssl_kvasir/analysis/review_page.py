@@ -297,7 +297,7 @@ function card(i) {
   const options = D.classes.map((c, k) => `<option value="${k}"${k === label(i) ? " selected" : ""}>${esc(c)}</option>`).join("");
   return `<div class="card ${status(i)}" data-i="${i}">` +
     `<img loading="lazy" src="${D.thumbDir}/${esc(r[THUMB])}" alt="${esc(r[F.filename])}" title="${esc(r[F.path])}">` +
-    `<div class="meta">#${i + 1} priority ${r[PRIORITY].toFixed(2)}<br>confidence ${r[F.confidence].toFixed(3)}${agree}` +
+    `<div class="meta">rank ${i + 1}, priority ${r[PRIORITY].toFixed(2)}<br>confidence ${r[F.confidence].toFixed(3)}${agree}` +
     `<br>cluster ${r[F.cluster] === null ? "-" : r[F.cluster]}</div>` +
     `<select class="label">${options}</select>` +
     `<button class="confirm" title="the class is right">&#10003;</button> ` +
