@@ -210,3 +210,20 @@ def test_embedding_without_a_terminal_prints_progress_lines(trained, tmp_path, c
     lines = re.findall(r"embedding: [\d,]+ of 198 images \(\d+ %\), [\d,]+ images/s, about .* left", err)
     assert len(lines) >= 5, err  # 13 batches of 16: a line at each 10 % they cross
     assert re.search(r"embedding: 198 images in [\d.]+ s", err)
+
+
+def test_export_on_a_full_disk_is_one_line_naming_the_file(trained, tmp_path):
+    """export-pseudo-labels into a folder on a disk too small for it: exit 1 (the machine, not the input),
+    one line naming the file it could not write; the embedding store never dies by SIGBUS."""
+    import sys
+
+    from helpers import on_a_small_disk
+
+    disk = tmp_path / "small_disk"
+    argv = [sys.executable, "-m", "ssl_kvasir.cli", "export-pseudo-labels"]
+    args = _analysis_args(trained, disk / "out", "cluster.enabled=false")
+    proc = on_a_small_disk(disk, "24k", [*argv, *args])
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-kvasir export-pseudo-labels:")]
+    assert f"{disk}/out/" in line and "[Errno 28]" in line, line
