@@ -198,7 +198,7 @@ def test_self_adaptive_threshold_updates_then_masks_as_computed_by_hand():
     assert sat.label_hist.tolist() == pytest.approx(h)
     thresholds = [p[0] / max(p) * tau, p[1] / max(p) * tau]  # MaxNorm(p~) * tau
     assert sat.class_thresholds().tolist() == pytest.approx(thresholds)
-    expected = [float(0.8 >= thresholds[0]), float(0.55 >= thresholds[1]), float(0.56 >= thresholds[0])]
+    expected = [float(thresholds[0] <= 0.8), float(thresholds[1] <= 0.55), float(thresholds[0] <= 0.56)]
     assert mask.tolist() == expected == [1.0, 1.0, 0.0]
 
 
