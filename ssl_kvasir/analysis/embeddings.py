@@ -21,8 +21,8 @@ its path: a checkpoint overwritten in place is another checkpoint, and its embed
 
 Rows are written with ordinary I/O (``os.pwrite``), not through a memory map: on a full disk a store written
 through a memory map dies by SIGBUS, without a word, while a write fails with ENOSPC and an error that names the
-file. Before the arrays are created the free space is checked against their size, so a store that cannot fit is
-refused at once rather than after an hour of embedding.
+file. Before any row is written the free space is checked against what the rows still to write take, so a store
+that cannot fit is refused at once rather than after an hour of embedding.
 """
 
 from __future__ import annotations
@@ -129,11 +129,6 @@ class _RowFile:
             )
         return cls(path, fd, existing.offset, np.dtype(dtype), shape)
 
-    def unallocated_bytes(self) -> int:
-        """Bytes of the file not yet on disk (a new file is sparse)."""
-        st = os.fstat(self.fd)
-        return max(st.st_size - st.st_blocks * 512, 0)
-
     def write(self, rows: np.ndarray, block: np.ndarray) -> None:
         """Write ``block[i]`` to row ``rows[i]``; ``rows`` ascending (runs of consecutive rows are one write).
 
@@ -167,13 +162,14 @@ class _RowFile:
         self.close()
 
 
-def _check_space(folder: Path, files: Sequence[_RowFile]) -> None:
-    """Refuse, naming the files, when the disk holding ``folder`` has less room than they still need.
+def _check_space(folder: Path, files: Sequence[_RowFile], rows: int) -> None:
+    """Refuse, naming the files, when the disk holding ``folder`` has less room than ``rows`` more rows of
+    ``files`` take (the arrays are sparse: a row takes space when it is written).
 
     Raises:
         OSError: ENOSPC, with what is needed and what is free.
     """
-    needed = sum(f.unallocated_bytes() for f in files)
+    needed = rows * sum(f.row_bytes for f in files)
     free = shutil.disk_usage(folder).free
     if needed > free:
         names = " and ".join(str(f.path) for f in files)
@@ -280,7 +276,7 @@ class EmbeddingWriter:
                 self.out_dir / PROBS_FILE, "float32", (self.n_rows, self.num_classes)
             )
             self._save_progress()
-        _check_space(self.out_dir, [self._features, self._probs])
+        _check_space(self.out_dir, [self._features, self._probs], self.n_rows - self.done_rows())
 
     def _resume(self, progress: Path) -> set[int]:
         try:
