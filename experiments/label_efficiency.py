@@ -24,6 +24,12 @@ supervised, paired by seed (+- its standard error). The closing line states the 
 methods: USB reports FreeMatch and SoftMatch at least matching FixMatch at low label counts, so their paired
 macro-F1 gain over FixMatch must be at least -0.01 each. The study's default size (3 seeds x 9 methods, 125 steps)
 is sized to take about 20 minutes at one thread; ``--quick`` (one seed, a quarter of the steps) a few.
+
+``--compare-selection`` shows what model selection does at a budget whose validation part is tiny (``--budget
+5``: one validation image per class, 10 in all): each method trains once per rule, with the same seed and so
+the same weights, under the former rule (a tie to the earlier checkpoint, at any validation size) and the
+current one (ties to the later checkpoint, the final weights below ``trainer.min_val_size``), and the selected
+step, whether a tie decided it and the test metrics are printed side by side.
 """
 
 from __future__ import annotations

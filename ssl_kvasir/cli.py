@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssl_kvasir.console import quiet_console
+from ssl_kvasir.console import quiet_console, setup_logging
 from ssl_kvasir.errors import SslKvasirError
 from ssl_kvasir.files import DISK_ERRNOS
 from ssl_kvasir.run.folder import RunFolder
@@ -50,7 +49,7 @@ def _check(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
-    _setup_logging()  # the progress lines of a long check, when stderr is not a terminal
+    setup_logging()  # the progress lines of a long check, when stderr is not a terminal
     catalog = load_catalog(
         a.root,
         source=a.source,
@@ -206,7 +205,7 @@ def _synth(argv: list[str]) -> int:
 def _prepare(argv: list[str]) -> int:
     import os
 
-    from ssl_kvasir.data.archive import load_catalog, scan_folder, scan_hyperkvasir
+    from ssl_kvasir.data.archive import list_images
     from ssl_kvasir.data.cache import prepare_cache
 
     p = argparse.ArgumentParser(
@@ -234,22 +233,14 @@ def _prepare(argv: list[str]) -> int:
     p.add_argument("--unlabeled-root", type=Path, help="unlabeled images of a folder source")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     a = p.parse_args(argv)
-    _setup_logging()  # the progress lines of a long prepare, when stderr is not a terminal
-    if a.split_file is not None or a.generate_folds:
-        catalog = load_catalog(
-            a.root,
-            source=a.source,
-            split_file=a.split_file,
-            generate_folds=a.generate_folds,
-            unlabeled_root=a.unlabeled_root,
-        )
-        root, images, problems = catalog.root, catalog.images, catalog.problems
-    elif a.source == "hyperkvasir":
-        root = a.root
-        images, problems = scan_hyperkvasir(a.root)
-    else:
-        images, _, problems = scan_folder(a.root, a.unlabeled_root)
-        root = Path(os.path.commonpath([a.root, a.unlabeled_root])) if a.unlabeled_root else a.root
+    setup_logging()  # the progress lines of a long prepare, when stderr is not a terminal
+    root, images, problems = list_images(
+        a.root,
+        source=a.source,
+        split_file=a.split_file,
+        generate_folds=a.generate_folds,
+        unlabeled_root=a.unlabeled_root,
+    )
     for problem in problems:
         print(f"note: {problem}")
     n_labeled, n_unlabeled = int((images.label >= 0).sum()), int((images.label < 0).sum())
@@ -290,36 +281,6 @@ def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
     return argv
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each message (tests and callers replace it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _setup_logging() -> None:
-    """Rich log lines on a terminal; plain, unwrapped lines (whole paths, greppable) in files and pipes.
-
-    Every message, Lightning's included, goes through this one handler: once, in one format."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
-    quiet_console()
-
-
 def _fit(argv: list[str]) -> int:
     from ssl_kvasir.config import check_inputs, compose, validate
 
@@ -328,7 +289,7 @@ def _fit(argv: list[str]) -> int:
     check_inputs(cfg, ("output_dir", "data.root"))
     from ssl_kvasir.run.train import fit
 
-    _setup_logging()
+    setup_logging()
     results = fit(cfg)
     _print_metrics(results, RunFolder(Path(cfg.output_dir)).results)
     return 0
@@ -343,7 +304,7 @@ def _evaluate(argv: list[str]) -> int:
     check_inputs(cfg, ("checkpoint", "output_dir", "data.root"))
     from ssl_kvasir.run.train import evaluate
 
-    _setup_logging()
+    setup_logging()
     results = evaluate(cfg)
     _print_metrics(results, RunFolder(Path(cfg.output_dir)).evaluation)
     return 0
@@ -368,7 +329,7 @@ def _analysis_command(step: str):
         check_inputs(cfg, ("checkpoint", "data.root"))
         from ssl_kvasir.run import analyze
 
-        _setup_logging()
+        setup_logging()
         if step == "embed":
             store = analyze.embed(cfg)
             print(f"{len(store)} images embedded -> {analyze.store_dir(cfg)}")

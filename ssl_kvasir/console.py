@@ -1,10 +1,12 @@
 """One quiet console for every entry point (``ssl-kvasir``, the sweep's points): each message once, in the
-entry point's format, without the lines that say nothing about the run."""
+entry point's format, without the lines that say nothing about the run. ``ssl-kvasir`` logs through
+:func:`setup_logging`'s one handler; a sweep's points through Hydra's."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 NOISE = (
@@ -49,3 +51,33 @@ def quiet_console() -> None:
         lightning_logger = logging.getLogger(name)
         lightning_logger.handlers.clear()
         lightning_logger.propagate = True
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (tests and callers replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """Rich log lines on a terminal; plain, unwrapped lines (whole paths, greppable) in files and pipes.
+
+    Every message, Lightning's included, goes through this one handler: once, in one format."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
+    quiet_console()

@@ -382,6 +382,40 @@ def load_catalog(
     return Catalog(root=root, classes=classes, images=images, n_folds=n_folds, problems=problems)
 
 
+def list_images(
+    root: Path,
+    source: str = "hyperkvasir",
+    split_file: Path | None = None,
+    generate_folds: int | None = None,
+    unlabeled_root: Path | None = None,
+) -> tuple[Path, pd.DataFrame, list[str]]:
+    """Every image of an archive, for work that needs no folds (``ssl-kvasir prepare`` caches them all).
+
+    With a split (``split_file`` or ``generate_folds``) the images are the catalog's (:func:`load_catalog`);
+    without one, every image the source's scan finds.
+
+    Returns:
+        the folder the paths are relative to, the images (``filename, path, label``; label -1 = unlabeled)
+        and the problems found.
+    """
+    if split_file is not None or generate_folds:
+        catalog = load_catalog(
+            root,
+            source=source,
+            split_file=split_file,
+            generate_folds=generate_folds,
+            unlabeled_root=unlabeled_root,
+        )
+        return catalog.root, catalog.images, catalog.problems
+    if source == "hyperkvasir":
+        images, problems = scan_hyperkvasir(root)
+        return Path(root), images, problems
+    images, _, problems = scan_folder(root, unlabeled_root)
+    # scan_folder's paths are relative to the common folder of the labeled and unlabeled images.
+    base = Path(os.path.commonpath([root, unlabeled_root])) if unlabeled_root else Path(root)
+    return base, images, problems
+
+
 def fold_problems(images: pd.DataFrame, classes: ClassTable, n_folds: int) -> list[str]:
     """Folds that hold no image, folds that lack classes (as an evaluation fold such a fold cannot measure
     those classes; as a training fold of a 2-fold split it cannot teach them), and a split whose images are all

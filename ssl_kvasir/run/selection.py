@@ -52,11 +52,12 @@ class Selection(ModelCheckpoint):
     def __init__(self, dirpath: str | Path, monitor: str, rule: str, n_val: int, min_val_size: int):
         if rule not in SELECTION_RULES:
             raise ValueError(f"unknown selection rule {rule!r}; valid: {', '.join(SELECTION_RULES)}")
-        self.final = rule == "final" or n_val < min_val_size
+        final = rule == "final" or n_val < min_val_size
         super().__init__(
             dirpath=dirpath,
             filename="best",
-            monitor=None if self.final else monitor,
+            # Monitoring nothing, ModelCheckpoint replaces its checkpoint at every epoch: the final weights stay.
+            monitor=None if final else monitor,
             mode="max",
             save_top_k=1,
             enable_version_counter=False,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ssl_kvasir.cli import main
-from ssl_kvasir.data.archive import load_catalog, read_split_file, stratified_folds
+from ssl_kvasir.data.archive import list_images, load_catalog, read_split_file, stratified_folds
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES, ClassTable
 from ssl_kvasir.errors import DataError
 
@@ -177,6 +177,18 @@ def test_folder_source_with_generated_folds(tmp_path):
         tmp_path / "lab", source="folder", generate_folds=2, fold_seed=1, unlabeled_root=tmp_path / "unl"
     )
     assert (cat.images.fold == again.images.fold).all()
+    # Without folds (what `prepare` caches): the same images, relative to the same folder.
+    root, images, problems = list_images(tmp_path / "lab", source="folder", unlabeled_root=tmp_path / "unl")
+    assert root == cat.root == tmp_path and problems == []
+    assert sorted(images.path) == sorted(cat.images.path) and (images.label < 0).sum() == 1
+
+
+def test_list_images_without_and_with_a_split(synth_archive):
+    root, images, problems = list_images(synth_archive)
+    assert root == synth_archive and problems == []
+    assert (images.label >= 0).sum() == 23 * 6 and (images.label < 0).sum() == 60
+    with_split = list_images(synth_archive, split_file=synth_archive / "2_fold_split.csv")
+    assert with_split[0] == synth_archive and sorted(with_split[1].path) == sorted(images.path)
 
 
 def test_stratified_folds_balance_every_class():
