@@ -165,3 +165,26 @@ def test_a_requeued_point_exits_as_submitit_expects(tmp_path: Path, monkeypatch:
     with pytest.raises(SystemExit) as stopped:
         run_point(cfg)
     assert stopped.value.code == -1 and not isinstance(stopped.value, Exception)
+
+
+def test_a_requeued_fit_exits_143_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 19: `ssl-kvasir fit` under SLURM, checkpointed and requeued, used to exit 1 with an 18-frame
+    ``Requeued`` traceback; it exits 143 with one line saying what happened and where the job resumes."""
+    import ssl_kvasir.run.train as train
+    from ssl_kvasir.cli import main
+
+    last = tmp_path / "point" / "checkpoints" / "last.ckpt"
+
+    def preempted(cfg):
+        raise Requeued("SIGUSR2", 6, "4242", last)
+
+    monkeypatch.setattr(train, "fit", preempted)
+    assert main(["fit", f"data.root={tmp_path}", f"output_dir={tmp_path / 'point'}"]) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("ssl-kvasir fit:")]
+    assert line == (
+        f"ssl-kvasir fit: SIGUSR2 at step 6: checkpointed and requeued job 4242; the requeued job resumes from {last}"
+    )

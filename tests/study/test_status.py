@@ -187,3 +187,19 @@ def test_local_sweep_with_wait_0_runs_in_the_background(synth_archive: Path, tmp
     status = make("status", ENV, f"OUT={root}")
     assert status.stdout.splitlines()[-1] == "1 done", status.stdout
     assert (root / "pretrain.log").read_text().count("Launching 1 of 1 points locally") == 1
+
+
+def test_a_results_record_is_read_through_the_one_reader(tmp_path: Path) -> None:
+    """A point is done only with a results record of this version; an old (unversioned) or empty file makes it
+    failed, with the reader's one line, so that the next launch runs it again."""
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "results.json").write_text(json.dumps(results_record(metrics={"mcc": 0.25})))
+    assert (point_status(done).state, point_status(done).detail) == ("done", "MCC 0.2500")
+    for content in ("{}", json.dumps({"metrics": {"mcc": 0.5}})):
+        old = tmp_path / f"old{len(content)}"
+        old.mkdir()
+        (old / "results.json").write_text(content)
+        status = point_status(old)
+        assert status.state == "failed" and "unversioned results file" in status.detail
+        assert str(old / "results.json") in status.detail

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny, wandb_records
+from helpers import results_record, tiny, wandb_records
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import InterpolationResolutionError
 
@@ -275,3 +275,20 @@ def test_local_ddp_sweep_fits_each_point_once(synth_archive: Path, tmp_path: Pat
             for line in lines
         ), status.stdout
     assert lines[-1] == "2 done"
+
+
+def test_the_sweep_skip_reads_the_record(tmp_path: Path) -> None:
+    """A point whose results.json is of this version is skipped; one of an older format is refused in one line
+    (exit 2), as `ssl-kvasir fit` refuses it, not skipped as if done."""
+    from ssl_kvasir.config import compose as compose_fit
+    from ssl_kvasir.study.sweeps import run_point
+
+    out = tmp_path / "point"
+    out.mkdir()
+    cfg = compose_fit("fit", [f"data.root={tmp_path}", f"output_dir={out}"])
+    (out / "results.json").write_text(json.dumps(results_record()))
+    assert run_point(cfg) == {"output_dir": str(out), "skipped": True, "metrics": None}
+    (out / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        run_point(cfg)
+    assert refused.value.code == 2
