@@ -17,8 +17,9 @@ from pathlib import Path
 from ssl_kvasir.errors import DataError, SslKvasirError
 from ssl_kvasir.files import atomic_write_json
 from ssl_kvasir.run.folder import read_results
-from ssl_kvasir.study.report import render_markdown, write_report
+from ssl_kvasir.study.report import write_report
 from ssl_kvasir.study.results import find_results_files
+from ssl_kvasir.study.table3 import render_markdown
 
 
 def best_run(runs_dir: Path, metric: str = "mcc") -> dict:

@@ -99,7 +99,7 @@ def _print_check(summary: dict) -> None:
 
 def _baselines(argv: list[str]) -> int:
     from ssl_kvasir.study.baselines import split_file_baselines
-    from ssl_kvasir.study.report import TABLE_METRICS, baseline_rows, render_markdown
+    from ssl_kvasir.study.table3 import TABLE_METRICS, baseline_rows, render_markdown
 
     p = argparse.ArgumentParser(
         prog="ssl-kvasir baselines",

@@ -16,14 +16,9 @@ from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.names import LabelBudget
 from ssl_kvasir.run.folder import RESULTS_FORMAT
-from ssl_kvasir.study.report import (
-    TABLE_METRICS,
-    load_result,
-    paper_row_for_backbone,
-    summarize_systems,
-    write_report,
-)
+from ssl_kvasir.study.report import write_report
 from ssl_kvasir.study.results import find_results_files
+from ssl_kvasir.study.table3 import TABLE_METRICS, load_result, paper_row_for_backbone, summarize_systems
 
 SPLIT_FILE = Path(__file__).resolve().parents[3] / "shared/hyperkvasir/2_fold_split.csv"
 NAMES = HYPERKVASIR_CLASSES.names

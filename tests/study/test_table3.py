@@ -26,7 +26,7 @@ SYSTEMS = {
 
 @pytest.mark.parametrize("experiment", sorted(SYSTEMS))
 def test_paper_system_configs(experiment):
-    from ssl_kvasir.study.report import paper_row_for_backbone
+    from ssl_kvasir.study.table3 import paper_row_for_backbone
 
     cfg = compose("fit", [f"experiment={experiment}", "data.root=x", "output_dir=y"])
     name, head, row = SYSTEMS[experiment]
