@@ -525,7 +525,7 @@ def inspect_images(
         paths: image paths relative to ``root``.
         decode: decode every image (else the structural check).
         workers: worker processes; 0 or 1 checks in this process.
-        progress: report progress (:class:`ssl_kvasir.progress.Progress`: a bar on a terminal, log lines
+        progress: report progress (:class:`ssl_kvasir.console.Progress`: a bar on a terminal, log lines
             otherwise).
         chunk: images per task.
 
@@ -535,7 +535,7 @@ def inspect_images(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from ssl_kvasir.data.cache import pool_context
-    from ssl_kvasir.progress import Progress
+    from ssl_kvasir.console import Progress
 
     paths = list(paths)
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]

@@ -40,7 +40,7 @@ from PIL import Image
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock, lock_holder
-from ssl_kvasir.progress import Progress
+from ssl_kvasir.console import Progress
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1
@@ -239,7 +239,7 @@ def prepare_cache(
         size: the shorter side of the cached images, in pixels.
         workers: worker processes; 0 or 1 builds in this process.
         shard_size: images per shard file.
-        progress: report progress (:class:`ssl_kvasir.progress.Progress`: a bar with rate and time left on a
+        progress: report progress (:class:`ssl_kvasir.console.Progress`: a bar with rate and time left on a
             terminal, a log line every 30 s or 10 % otherwise).
         quality: JPEG quality of the cached images.
 

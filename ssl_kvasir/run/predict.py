@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.methods import BaseMethod
-from ssl_kvasir.progress import Progress
+from ssl_kvasir.console import Progress
 
 log = logging.getLogger("ssl_kvasir")
 
