@@ -1,5 +1,6 @@
 """The package's shape: imports go one way (no module imports, even inside a function, a module that imports
-it) and no two modules share a file name."""
+it, or a module of a higher layer: library < run < study < cli), the top level holds the packages and a few
+small modules, and no two modules share a file name."""
 
 from __future__ import annotations
 
@@ -74,6 +75,44 @@ def test_no_import_circle_in_the_package():
 def test_the_cycle_finder_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+LAYERS = {"run": 1, "study": 2, "cli": 3}
+"""The layers above the library (every other module: data, models, methods, analysis, files, names, ...)."""
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
+
+
+def test_no_import_runs_up_a_layer():
+    """library < run < study < cli: a module imports its own layer and the layers below, never one above."""
+    graph = _graph()
+    assert {_layer(m) for m in graph} == {0, 1, 2, 3}
+    upward = sorted(f"{m} -> {i}" for m, imports in graph.items() for i in imports if _layer(i) > _layer(m))
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from ssl_kvasir.study.sweeps import plan\n")
+    assert _imports(module, {"ssl_kvasir.study.sweeps"}) == {"ssl_kvasir.study.sweeps"}
+    assert _layer("ssl_kvasir.study.sweeps") > _layer("ssl_kvasir.run.train") > _layer("ssl_kvasir.names")
+
+
+MAX_TOP_LEVEL_MODULES = 9
+MAX_TOP_LEVEL_LINES = 600
+"""A top-level module is small; one that grows past this becomes a package."""
+
+
+def test_the_top_level_holds_the_packages_and_a_few_small_modules():
+    modules = sorted(p for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(modules) <= MAX_TOP_LEVEL_MODULES, [p.name for p in modules]
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in modules}
+    assert {name: n for name, n in sizes.items() if n > MAX_TOP_LEVEL_LINES} == {}
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    assert {"data", "models", "pseudo_labels", "methods", "analysis", "run", "study"} <= packages
 
 
 def test_library_layers_do_not_import_the_run_layer():
