@@ -302,6 +302,8 @@ RULES: dict[str, Rule] = {
     "method.n_sigma": Number(0, low_open=True),
     "method.lambda_f": NON_NEGATIVE,
     "method.unsup_warmup": FRACTION,
+    "method.k": COUNT,
+    "method.temperature": Number(0, low_open=True),
     "method.rounds": SIZE,
     "method.noise.drop_rate": PROBABILITY_OPEN,
     "method.noise.drop_path_rate": PROBABILITY_OPEN,

@@ -4,6 +4,8 @@ from ssl_kvasir.methods.acr import ACR
 from ssl_kvasir.methods.base import BaseMethod, TrainingDiverged
 from ssl_kvasir.methods.fixmatch import FixMatch
 from ssl_kvasir.methods.freematch import FreeMatch
+from ssl_kvasir.methods.knn_probe import KnnProbe
+from ssl_kvasir.methods.linear_probe import LinearProbe
 from ssl_kvasir.methods.mean_teacher import MeanTeacher
 from ssl_kvasir.methods.pseudo_label import PseudoLabel
 from ssl_kvasir.methods.self_training import SelfTraining
@@ -21,6 +23,8 @@ METHODS: dict[str, type[BaseMethod]] = {
     "mean_teacher": MeanTeacher,
     "freematch": FreeMatch,
     "softmatch": SoftMatch,
+    "linear_probe": LinearProbe,
+    "knn_probe": KnnProbe,
 }
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "BaseMethod",
     "FixMatch",
     "FreeMatch",
+    "KnnProbe",
+    "LinearProbe",
     "MeanTeacher",
     "PseudoLabel",
     "SelfTraining",
