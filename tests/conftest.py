@@ -20,3 +20,10 @@ def synth_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tests that modify files copy them first."""
     root = tmp_path_factory.mktemp("synth") / "hyper-kvasir"
     return make_synthetic_archive(root, per_class=SYNTH_PER_CLASS, unlabeled=SYNTH_UNLABELED, seed=SYNTH_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 labeled images per class (so labels_per_class=100 is clamped), 8 unlabeled images. Read-only."""
+    root = tmp_path_factory.mktemp("tiny") / "hyper-kvasir"
+    return make_synthetic_archive(root, per_class=3, unlabeled=8, seed=1)

@@ -153,7 +153,9 @@ def on_a_small_disk(disk: Path, size: str, argv: list[str]) -> subprocess.Comple
     import pytest
 
     disk.mkdir(parents=True, exist_ok=True)
-    script = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} || exit 77; exec {shlex.join(argv)}"
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} || exit 77; exec {shlex.join(argv)}"
+    )
     try:
         proc = subprocess.run(
             ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
@@ -167,3 +169,46 @@ def on_a_small_disk(disk: Path, size: str, argv: list[str]) -> subprocess.Comple
     if proc.returncode == 77 or proc.stderr.startswith("unshare: "):
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()}")
     return proc
+
+
+def cli_fit(archive: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
+    """The command of a tiny fit in its own process: one step per epoch, ``steps`` steps, ``extra`` overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "ssl_kvasir.cli",
+        "fit",
+        f"data.root={archive}",
+        f"data.split_file={archive / '2_fold_split.csv'}",
+        f"output_dir={out}",
+        *tiny(
+            f"trainer.max_steps={steps}", "data.steps_per_epoch=1", "data.batch_size=4", "data.mu=1", *extra
+        ),
+    ]
+
+
+def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The ``ssl-kvasir fit:`` lines of a process's stderr (which holds no traceback)."""
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-kvasir fit:")]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(folder: Path, **holder) -> None:
+    """A lock file in ``folder`` as ``ssl_kvasir.files.hold_lock`` writes it, held by ``holder``."""
+    import json
+
+    from ssl_kvasir.files import LOCK_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_FILE).write_text(json.dumps({"what": "a test", "since": "now", **holder}))

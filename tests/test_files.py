@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import socket
@@ -13,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_fit, dead_pid, error_lines, run_cli, write_lock
 
-from ssl_kvasir.files import LOCK_FILE, FolderLocked, file_sha256, hold_lock
+from ssl_kvasir.files import LOCK_FILE, FolderLocked, _process_start, file_sha256, hold_lock
 
 CONTENDERS = 4
 TRIALS = 20
@@ -122,3 +124,81 @@ def test_a_write_that_hits_a_full_disk_names_the_file(tmp_path: Path) -> None:
     assert proc.stdout.splitlines() == [line, line]
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path, caplog, monkeypatch) -> None:
+    folder = tmp_path / "f"
+    with hold_lock(folder, "first") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        with (
+            pytest.raises(
+                FolderLocked, match=rf"in use by first \(pid {os.getpid()} on {socket.gethostname()}"
+            ),
+            hold_lock(folder, "second"),
+        ):
+            pass
+    assert not (folder / LOCK_FILE).exists()  # released
+
+    # Stale: its process is gone on this host.
+    write_lock(folder, host=socket.gethostname(), pid=dead_pid(), started=None)
+    with caplog.at_level(logging.WARNING, logger="ssl_kvasir"), hold_lock(folder, "third"):
+        assert json.loads((folder / LOCK_FILE).read_text())["what"] == "third"
+    assert "taking over the stale lock" in caplog.text
+    # Stale: its pid now belongs to another process (this one) that started at another time.
+    write_lock(
+        folder, host=socket.gethostname(), pid=os.getpid(), started=(_process_start(os.getpid()) or 0) + 1
+    )
+    with hold_lock(folder, "fourth"):
+        pass
+
+    # On another host it cannot be checked: refused, with how to remove it.
+    write_lock(folder, host="node-17", pid=4242, started=1)
+    with (
+        pytest.raises(
+            FolderLocked, match="pid 4242 on node-17.*if that process is gone, delete the lock file"
+        ),
+        hold_lock(folder, "fifth"),
+    ):
+        pass
+    # ... unless it is this SLURM job's own, left by its run before a requeue.
+    write_lock(folder, host="node-17", pid=4242, started=1, slurm_job="991")
+    monkeypatch.setenv("SLURM_JOB_ID", "991")
+    with hold_lock(folder, "requeued"):
+        assert json.loads((folder / LOCK_FILE).read_text())["slurm_job"] == "991"
+
+
+@pytest.fixture
+def live_holder():
+    """A process that stays alive while a test needs its pid as a lock holder."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield {"host": socket.gethostname(), "pid": proc.pid, "started": _process_start(proc.pid)}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_two_fits_or_two_prepares_in_one_folder_are_refused(tiny_archive, tmp_path, live_holder) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    write_lock(out, **live_holder)
+    proc = run_cli(cli_fit(tiny_archive, out))
+    assert proc.returncode == 2
+    [line] = error_lines(proc)
+    assert f"{out} is in use by a test (pid {live_holder['pid']}" in line
+
+    write_lock(cache, **live_holder)
+    proc = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "ssl_kvasir.cli",
+            "prepare",
+            "--root",
+            str(tiny_archive),
+            "--cache",
+            str(cache),
+        ]
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"ssl-kvasir prepare: error: {cache} is in use by a test" in proc.stderr
+    assert not (cache / "manifest.json").exists()

@@ -7,10 +7,12 @@ import json
 import math
 import multiprocessing
 import pickle
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dead_pid, write_lock
 from PIL import Image
 
 from ssl_kvasir.cli import main
@@ -484,3 +486,23 @@ def test_prepare_without_a_terminal_prints_progress_lines(synth_archive, tmp_pat
     pattern = r"INFO caching at 32 px: \d+ of 198 images \((\d+) %\), [\d,]+ images/s, about \d+ s left"
     shares = [int(m.group(1)) for m in re.finditer(pattern, proc.stderr)]
     assert len(shares) == 9 and shares == sorted(shares), proc.stderr  # 10 % .. 90 %
+
+
+def test_prepare_rerun_removes_stale_temporary_files(tiny_archive, tmp_path) -> None:
+    from ssl_kvasir.data.archive import scan_hyperkvasir
+    from ssl_kvasir.data.cache import prepare_cache
+
+    images, _ = scan_hyperkvasir(tiny_archive)
+    cache = tmp_path / "cache"
+    prepare_cache(tiny_archive, list(images.path), cache, size=32, workers=0, shard_size=40, progress=False)
+    # What a prepare killed while writing leaves behind (atomic_write's temporary names), and its lock.
+    stale = [cache / ".shard-00001.bin.k2j3h4.tmp", cache / ".shard-00002.idx.json.x8y7.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a shard")
+    write_lock(cache, host=socket.gethostname(), pid=dead_pid(), started=None)
+    report = prepare_cache(
+        tiny_archive, list(images.path), cache, size=32, workers=0, shard_size=40, progress=False
+    )
+    assert report.shards_reused == report.shards_built + report.shards_reused  # nothing rebuilt
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # lock released too
