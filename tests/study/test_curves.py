@@ -108,6 +108,18 @@ def test_summary_matches_a_hand_computation(sweep: Path, tmp_path: Path) -> None
     ]
 
 
+def test_every_method_that_ran_is_in_the_curves(tmp_path: Path) -> None:
+    from ssl_kvasir.methods import METHODS
+
+    root, out = tmp_path / "runs", tmp_path / "curves"
+    for i, method in enumerate(sorted(METHODS)):
+        write_run(root, method, 0.1, 0, 0, mcc=0.1 + i / 100, macro_f1=0.1, micro_f1=0.2)
+    assert main(["curves", str(root), "--out", str(out)]) == 0
+    assert sorted(pd.read_csv(out / "label_efficiency.csv").method) == sorted(METHODS)
+    md = (out / "label_efficiency.md").read_text()
+    assert all(f"| {method} | resnet18 |" in md for method in METHODS)
+
+
 def test_other_metrics_and_round_files(sweep: Path, tmp_path: Path) -> None:
     report = write_curves([sweep], tmp_path / "out", metrics=["accuracy"])
     assert list(report.summary.columns[-2:]) == ["accuracy_mean", "accuracy_std"]

@@ -153,11 +153,28 @@ def test_run_folder_names_follow_the_budget_and_backbone() -> None:
         InterpolationResolutionError, match="exactly one of data.label_fraction and data.labels_per_class"
     ):
         _ = cfg.output_dir
-    # The default grid: 5 methods x 6 fractions x 2 folds x 1 seed.
+    # The default grid: the 7 core methods x 6 fractions x 2 folds x 1 seed.
     params = cfg.hydra.sweeper.params
     assert [
         len(str(params[k]).split(",")) for k in ("method", "data.label_fraction", "data.fold", "seed")
-    ] == [5, 6, 2, 1]
+    ] == [7, 6, 2, 1]
+    assert str(params.method).split(",") == [
+        "supervised",
+        "fixmatch",
+        "self_training",
+        "acr",
+        "simpro",
+        "linear_probe",
+        "knn_probe",
+    ]
+
+
+def test_the_every_method_preset_sweeps_the_whole_registry() -> None:
+    from ssl_kvasir.methods import METHODS
+
+    params = compose_sweep(["experiment=every_method"]).hydra.sweeper.params
+    assert sorted(str(params.method).split(",")) == sorted(METHODS)
+    assert str(params["data.label_fraction"]).split(",") == ["0.01", "0.05", "0.1", "0.25", "0.5", "1.0"]
 
 
 def test_slurm_launcher_sets_the_trainer_to_its_tasks() -> None:
