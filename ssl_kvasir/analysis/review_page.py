@@ -28,24 +28,12 @@ import pandas as pd
 from ssl_kvasir.data.classes import ClassTable
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.files import atomic_write_bytes, atomic_write_text
+from ssl_kvasir.pseudo_labels.table import PSEUDO_LABEL_COLUMNS
 
 THUMB_DIR = "thumbs"
 REVIEWED_SOURCE = "reviewed"
 """The ``checkpoint`` column of a row whose class the clinician confirmed or changed on the page."""
-_FIELDS = [
-    "filename",
-    "path",
-    "predicted_class",
-    "paper_index",
-    "confidence",
-    "margin",
-    "entropy",
-    "knn_class",
-    "knn_agrees",
-    "cluster",
-    "outlier_score",
-    "checkpoint",
-]  # the pseudo-label CSV's columns (ssl_kvasir.pseudo_labels.table.PSEUDO_LABEL_COLUMNS), in file order
+_FIELDS = PSEUDO_LABEL_COLUMNS  # the page's rows and its download: the pseudo-label CSV's columns, in order
 
 
 def thumbnail_name(path: str, size: int) -> str:
