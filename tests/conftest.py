@@ -27,3 +27,30 @@ def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 labeled images per class (so labels_per_class=100 is clamped), 8 unlabeled images. Read-only."""
     root = tmp_path_factory.mktemp("tiny") / "hyper-kvasir"
     return make_synthetic_archive(root, per_class=3, unlabeled=8, seed=1)
+
+
+@pytest.fixture(scope="session")
+def imbalanced_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One class with 1,000 images among 22 with 2 (40 x 40 px), 20 unlabeled images: at 1 % the big class's
+    budget is 5 (one of them validates), every other class keeps its single image for training."""
+    root = tmp_path_factory.mktemp("imbalanced") / "hyper-kvasir"
+    return make_synthetic_archive(root, per_class=[1000] + [2] * 22, unlabeled=20, seed=0, sizes=[(40, 40)])
+
+
+@pytest.fixture(scope="session")
+def one_percent_run(imbalanced_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The results record of a tiny supervised fit with 1 % of the labels of :func:`imbalanced_archive`,
+    evaluated on fold 1; its checkpoint as an absolute path."""
+    import json
+
+    from helpers import tiny
+
+    from ssl_kvasir.cli import main
+
+    out = tmp_path_factory.mktemp("budget") / "run"
+    data = [f"data.root={imbalanced_archive}", f"data.split_file={imbalanced_archive / '2_fold_split.csv'}"]
+    args = ["fit", f"output_dir={out}", *data, *tiny("method=supervised", "data.batch_size=4")]
+    assert main([*args, "data.label_fraction=0.01", "data.fold=1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    # The record names its checkpoint relative to the run's folder.
+    return {**results, "checkpoint": str(out / results["checkpoint"])}

@@ -212,3 +212,16 @@ def write_lock(folder: Path, **holder) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LOCK_FILE).write_text(json.dumps({"what": "a test", "since": "now", **holder}))
+
+
+def training_counts(archive: Path, eval_fold: int):
+    """Training-fold images per class of a synthetic HyperKvasir archive, read from its split file."""
+    import numpy as np
+    import pandas as pd
+
+    from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
+
+    split = pd.read_csv(archive / "2_fold_split.csv", sep=";")
+    index = {c.split_name: i for i, c in enumerate(HYPERKVASIR_CLASSES)}
+    train = split[split["split-index"] != eval_fold]
+    return np.bincount(train["class-name"].map(index), minlength=23)

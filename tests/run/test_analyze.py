@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny
+from helpers import tiny, training_counts
 
 from ssl_kvasir.cli import main
 
@@ -227,3 +227,41 @@ def test_export_on_a_full_disk_is_one_line_naming_the_file(trained, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-kvasir export-pseudo-labels:")]
     assert f"{disk}/out/" in line and "[Errno 28]" in line, line
+
+
+@pytest.mark.slow
+def test_knn_database_is_the_checkpoints_own_labeled_images(one_percent_run, imbalanced_archive, tmp_path):
+    from ssl_kvasir.config import compose
+    from ssl_kvasir.data.splits import make_split
+    from ssl_kvasir.errors import ConfigError
+    from ssl_kvasir.names import LabelBudget
+    from ssl_kvasir.run import analyze as analysis
+
+    data = [f"data.root={imbalanced_archive}", f"data.split_file={imbalanced_archive / '2_fold_split.csv'}"]
+    base = [
+        f"checkpoint={one_percent_run['checkpoint']}",
+        f"output_dir={tmp_path}",
+        "data.fold=1",
+        "data.num_workers=0",
+        *data,
+    ]
+    cfg = compose("analyze", base)
+    module, exp = analysis.load_checkpoint_and_data(cfg)
+    rows = analysis.knn_database(cfg, module, exp)
+    # The rows a user with the 1 % budget labeled, cut independently of the checkpoint.
+    own = make_split(exp.catalog, 1, budget=LabelBudget.from_settings(0.01, None), seed=0)
+    assert rows.tolist() == sorted([*own.labeled, *own.val]) and len(rows) == one_percent_run["n_labels_used"]
+    cfg_all = compose("analyze", [*base, "knn.database=all", "data.image_size=32"])
+    assert analysis.knn_database(cfg_all, module, exp) is None
+    store = analysis.embed(cfg_all, module, exp)
+    everything = analysis.Analysis(store=store, eval_fold=1).train_rows
+    assert len(everything) == training_counts(imbalanced_archive, 1).sum() > len(rows)
+    budget = analysis.Analysis(store=store, eval_fold=1, database_rows=rows)
+    analysis.run_knn(cfg, budget)
+    assert budget.knn_metrics["n_db"] == 27
+    # The vote never comes from a labeled image outside the budget: those rows are queries, not neighbours.
+    assert not np.isnan(budget.knn_probs[np.setdiff1d(everything, rows)]).any()
+    with pytest.raises(
+        ConfigError, match=r"data.fold=0, but checkpoint .* fold 1 held out: pass data.fold=1"
+    ):
+        analysis.knn_database(compose("analyze", [*base, "data.fold=0"]), module, exp)

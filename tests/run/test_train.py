@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import tiny
+from helpers import tiny, training_counts
 
 from ssl_kvasir.cli import main
 from ssl_kvasir.metrics import metrics_from_confusion
@@ -235,3 +235,17 @@ def test_channels_last_gives_the_same_kind_of_results(synth_archive, tmp_path):
     assert runs["true"]["config"]["trainer"]["channels_last"] is True
     a, b = runs["false"]["metrics"], runs["true"]["metrics"]
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 0.1 for k in a)
+
+
+@pytest.mark.slow
+def test_validation_is_inside_the_label_budget_at_one_percent(one_percent_run, imbalanced_archive):
+    r = one_percent_run
+    available = training_counts(imbalanced_archive, eval_fold=1)
+    budget = np.maximum(np.round(0.01 * available), 1)  # what a user with 1 % of the labels has
+    assert r["val_policy"] == "budget"
+    assert r["label_budget"] == {"kind": "fraction", "amount": 0.01, "id": "frac0.01"}
+    assert r["n_labels_used"] == budget.sum() == r["n_labeled"] + r["n_val"]
+    assert r["n_val"] == 1 and r["n_labels_used"] == 27  # 5 of the big class (1 validates) + 22 single images
+    # One validation image: fewer than trainer.min_val_size, so the run keeps its final weights.
+    assert r["val_metrics"] is not None and r["selection"]["n_val"] == 1
+    assert r["selection"]["step"] == r["steps"] and r["selection"]["description"].startswith("final weights")

@@ -282,3 +282,27 @@ def test_make_curves_logs_line_charts_to_an_offline_wandb_run(sweep: Path, tmp_p
     (sweep / "curves").rename(tmp_path / "first")
     assert subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=300).returncode == 0
     assert not (sweep / "curves" / "wandb").exists()  # WANDB=0: no W&B run
+
+
+def test_curves_say_which_protocol_and_validation_policy_made_each_point(tmp_path):
+    from ssl_kvasir.study.curves import load_runs, render_markdown, summarize
+
+    def write(name: str, seed: int, **fields) -> None:
+        results = record(seed=seed, **fields)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+
+    write("a", 0, protocol="matched", val_policy="budget")
+    write("b", 1, protocol="matched", val_policy="budget")
+    summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
+    assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (["matched"], ["budget"])
+    assert "Protocol: matched; validation: budget." in render_markdown(summary, ["mcc"])
+    write("c", 2)  # a hand-made record that names neither
+    summary = summarize(load_runs([tmp_path], ["mcc"]), ["mcc"])
+    assert (summary.protocol.tolist(), summary.val_policy.tolist()) == (
+        ["matched unrecorded"],
+        ["budget unrecorded"],
+    )
+    assert "Protocol: matched, unrecorded; validation: budget, unrecorded (mixed" in render_markdown(
+        summary, ["mcc"]
+    )

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import results_record, tiny, wandb_records
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import InterpolationResolutionError
@@ -309,3 +310,36 @@ def test_the_sweep_skip_reads_the_record(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as refused:
         run_point(cfg)
     assert refused.value.code == 2
+
+
+@pytest.mark.slow
+def test_sweep_of_supervised_and_fixmatch_shares_one_protocol(synth_archive, tmp_path):
+    """A sweep over both methods, at the defaults: only the unlabeled losses differ."""
+    shared = ("optimizer", "lr", "schedule", "weight_decay", "ema_decay", "eval_weights")
+    root = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        "experiments/sweep.py",
+        f"data.root={synth_archive}",
+        f"data.split_file={synth_archive / '2_fold_split.csv'}",
+        f"sweep_root={root}",
+        "method=supervised,fixmatch",
+        "data.label_fraction=0.5",
+        "data.fold=1",
+        *tiny("data.batch_size=4"),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = {p.parts[-6]: p for p in root.rglob("results.json")}
+    assert set(found) == {"supervised", "fixmatch"}
+    sup, fm = (json.loads(found[m].read_text()) for m in ("supervised", "fixmatch"))
+    assert {k: sup["config"]["method"][k] for k in shared} == {k: fm["config"]["method"][k] for k in shared}
+    assert sup["config"]["method"]["lr"] == 0.03 and sup["config"]["method"]["eval_weights"] == "ema"
+    assert sup["steps"] == fm["steps"] == 4
+    assert sup["protocol"] == fm["protocol"] == "matched"
+    assert sup["n_labeled"] == fm["n_labeled"] and sup["n_labels_used"] == fm["n_labels_used"]
+    # A default FixMatch run: the live network labels the weak view, as in the paper.
+    assert fm["config"]["method"]["teacher"] == "model"
+    hydra_record = yaml.safe_load((found["fixmatch"].parent / ".hydra" / "config.yaml").read_text())
+    assert hydra_record["method"]["teacher"] == "model"
+    assert hydra_record["method"]["alignment"] is None and hydra_record["method"]["threshold"] == 0.95

@@ -60,3 +60,19 @@ def test_ensemble_system_trains_through_fit_and_reports(synth_archive, tmp_path)
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table3.csv").read_text()
     assert "table3_resnet152_densenet161_mlp" in table
+
+
+def test_paper_protocol_is_the_table3_one():
+    from ssl_kvasir.config import compose
+
+    paper = compose("fit", ["data.root=/d", "output_dir=/o", "experiment=table3_resnet50"])
+    assert (paper.protocol, paper.method.lr, paper.method.schedule, paper.method.eval_weights) == (
+        "paper",
+        0.001,
+        "constant",
+        "model",
+    )
+    for method in ("supervised", "fixmatch", "self_training"):
+        cfg = compose("fit", ["data.root=/d", "output_dir=/o", f"method={method}"])
+        assert cfg.protocol == "matched" and cfg.data.val_policy == "budget"
+        assert (cfg.method.lr, cfg.method.schedule, cfg.method.eval_weights) == (0.03, "cosine", "ema")
