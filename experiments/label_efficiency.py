@@ -22,8 +22,13 @@ The table gives the mean +- standard error over seeds (each seed re-cuts the fol
 training randomness) of accuracy, MCC and macro-F1 on the evaluation fold, and each method's macro-F1 gain over
 supervised, paired by seed (+- its standard error). The closing line states the study's target for the newer
 methods: USB reports FreeMatch and SoftMatch at least matching FixMatch at low label counts, so their paired
-macro-F1 gain over FixMatch must be at least -0.01 each. The study's default size (3 seeds x 9 methods, 125 steps)
-is sized to take about 20 minutes at one thread; ``--quick`` (one seed, a quarter of the steps) a few.
+macro-F1 gain over FixMatch must be at least -0.01 each. The study's default size (3 seeds x 11 methods, 125
+steps) is sized to take about 20 minutes at one thread on idle cores; ``--quick`` (one seed, a quarter of the
+steps) a few. ``--resume`` reuses the finished runs of an earlier invocation with the same ``--out`` (a run
+made with other settings is refused by ``fit``), so methods can be added to a study.
+
+The probes (``linear_probe``, ``knn_probe``) probe the backbone's initial weights: random ones for the default
+``test_resnet``, unless ``--weights FILE`` (``backbone.weights=FILE`` for every run) gives pretrained ones.
 
 ``--compare-selection`` shows what model selection does at a budget whose validation part is tiny (``--budget
 5``: one validation image per class, 10 in all): each method trains once per rule, with the same seed and so
@@ -55,6 +60,8 @@ METHODS = (
     "mean_teacher",
     "freematch",
     "softmatch",
+    "linear_probe",
+    "knn_probe",
 )
 METRICS = ("accuracy", "mcc", "macro_f1")
 TARGET_GAIN = (
@@ -253,6 +260,12 @@ def main() -> None:
         "--steps", type=int, default=125, help="training steps of every run (and every round)"
     )
     parser.add_argument("--backbone", default="test_resnet", help="timm model name")
+    parser.add_argument("--weights", type=Path, help="a local weights file of the backbone, for every run")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished runs of a non-empty --out with the same settings",
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument(
@@ -281,9 +294,9 @@ def main() -> None:
     steps = max(args.steps // 4, 1) if args.quick else args.steps
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     out = args.out or Path(tempfile.mkdtemp(prefix="ssl_kvasir_label_efficiency_"))
-    if out.exists() and any(out.iterdir()):
-        # fit() would take a finished run there as done, whatever settings it was made with.
-        parser.error(f"--out {out} is not empty")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        # fit() takes a finished run there as done (and refuses one made with other settings): ask for it.
+        parser.error(f"--out {out} is not empty (--resume reuses its finished runs)")
     data = write_digits(out / "digits", args.image_size)
     common = [
         "backbone=test_resnet",  # the group of a randomly initialised timm model; its name is replaced
@@ -292,6 +305,7 @@ def main() -> None:
         f"data.num_workers={args.workers}",
         f"trainer.max_steps={steps}",
         f"data.steps_per_epoch={max(steps // 4, 1)}",
+        *([f"backbone.weights={args.weights}"] if args.weights else []),
     ]
     print(
         f"digits (sklearn, 1,797 real images) at {args.image_size} px, {args.backbone}, {steps} steps, batch 16, "
