@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 # What `make bench` and a reader look for: `<benchmark>: <what> = <value> (target <op> <target>: met)`.
 LINE = re.compile(
     r"^[a-z_]+: .+ = (n/a|-?\d+(\.\d+)?) \(target (>=|>|<=|<) [\d.e+-]+: (met|NOT met|not measured, .+)\)$"
