@@ -160,3 +160,16 @@ EM_POSTERIORS = ("all", "confident")
 SELECTION_RULES = ("later", "earlier", "final")
 """``trainer.selection``: the best validation score with a tie going to the later or the earlier checkpoint, or
 the final weights (``ssl_kvasir.run.selection``)."""
+
+
+# ---- Enumerated choices of the data and the models ---------------------------------------------------------
+HEADS = ("linear", "averaged", "mlp")
+"""``backbone.head``: one linear classifier, the average of one per ensemble part, or an MLP over them."""
+VAL_POLICIES = ("budget", "none", "fold")
+"""``data.val_policy``: validation images from the label budget, none, or from the training folds."""
+STRONG_POLICIES = ("fixmatch", "timm")
+"""``data.strong_policy``: FixMatch's RandAugment (a random magnitude per op, then Cutout) or timm's."""
+SAMPLERS = ("uniform", "class_balanced")
+"""``data.sampler``: of the labeled stream."""
+BALANCES = ("none", "cap", "duplicate")
+"""``method.pseudo.balance``: self-training's per-class balance of the selected pseudo-labels."""

@@ -91,7 +91,7 @@ def test_no_signature_default_but_the_data_facts(name):
     assert [k for k in defaults if k in yaml and yaml[k] != defaults[k]] == []
 
 
-def test_the_enumerated_method_settings_are_checked_against_names():
+def test_the_enumerated_settings_are_checked_against_names():
     for key, values in {
         "method.optimizer": names.OPTIMIZERS,
         "method.schedule": names.SCHEDULES,
@@ -100,6 +100,11 @@ def test_the_enumerated_method_settings_are_checked_against_names():
         "method.teacher": names.TEACHERS,
         "method.masking": names.MASKINGS,
         "method.alignment": names.ALIGNMENTS,
+        "method.pseudo.balance": names.BALANCES,
+        "data.val_policy": names.VAL_POLICIES,
+        "data.strong_policy": names.STRONG_POLICIES,
+        "data.sampler": names.SAMPLERS,
+        "backbone.head": names.HEADS,
     }.items():
         rule = RULES[key]
         assert isinstance(rule, Choice) and rule.values is values, key

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_kvasir.names import STRONG_POLICIES
+
 VIEWS = ("weak", "strong", "eval")
-STRONG_POLICIES = ("fixmatch", "timm")
 
 # FixMatch's RandAugment operations (Sohn et al. 2020, Table 12), in a fixed order: an operation is its index.
 OPS = (

@@ -25,8 +25,7 @@ from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.data.augment import STRONG_POLICIES, ViewMaker
 from ssl_kvasir.data.splits import ExperimentSplit, unlabeled_pool
 from ssl_kvasir.data.transforms import timm_strong_image
-
-SAMPLERS = ("uniform", "class_balanced")
+from ssl_kvasir.names import SAMPLERS
 
 
 class ImageDataset(Dataset):
@@ -360,7 +359,9 @@ class KvasirDataModule(L.LightningDataModule):
         """
         counts = np.bincount(self.streams["lb"].labels, minlength=self.num_classes).astype(np.float64)  # (C,)
         if self.sampler == "class_balanced":
-            counts = (counts > 0).astype(np.float64)  # ClassBalancedSampler: each present class equally likely
+            counts = (counts > 0).astype(
+                np.float64
+            )  # ClassBalancedSampler: each present class equally likely
         return counts / counts.sum()
 
     def _current_epoch(self) -> int:

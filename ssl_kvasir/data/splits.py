@@ -28,11 +28,9 @@ import numpy as np
 
 from ssl_kvasir.data.archive import Catalog
 from ssl_kvasir.errors import ConfigError, DataError
-from ssl_kvasir.names import EVERY_LABEL, LabelBudget
+from ssl_kvasir.names import EVERY_LABEL, VAL_POLICIES, LabelBudget
 
 log = logging.getLogger("ssl_kvasir")
-
-VAL_POLICIES = ("budget", "none", "fold")
 
 
 @dataclass(frozen=True)

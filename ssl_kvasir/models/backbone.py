@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ssl_kvasir.errors import ConfigError
-
-HEADS = ("linear", "averaged", "mlp")
+from ssl_kvasir.names import HEADS
 
 
 def _timm_backbone(name: str, pretrained: bool, drop_path_rate: float) -> nn.Module:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ssl_kvasir.errors import ConfigError
-
-BALANCES = ("none", "cap", "duplicate")
+from ssl_kvasir.names import BALANCES
 
 
 def select_pseudo_labels(
