@@ -159,7 +159,7 @@ EM_POSTERIORS = ("all", "confident")
 (the reference code)."""
 SELECTION_RULES = ("later", "earlier", "final")
 """``trainer.selection``: the best validation score with a tie going to the later or the earlier checkpoint, or
-the final weights (``ssl_kvasir.run.selection``)."""
+the final weights (``ssl_kvasir.run.model_selection``)."""
 
 
 # ---- Enumerated choices of the data and the models ---------------------------------------------------------

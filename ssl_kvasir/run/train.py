@@ -234,7 +234,7 @@ def build_trainer(
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ssl_kvasir.run.selection import Selection
+    from ssl_kvasir.run.model_selection import Selection
 
     t = cfg.trainer
     has_val = n_val > 0
@@ -337,7 +337,7 @@ def make_results(
         "metrics": {k: float(v) for k, v in test["metrics"].items()},
         "metrics_weights": module.hparams.eval_weights,
         "val_metrics": {k: float(v) for k, v in val["metrics"].items()} if val else None,
-        # How the scored checkpoint was chosen (run.selection.Selection.record); None for a re-evaluation.
+        # How the scored checkpoint was chosen (run.model_selection.Selection.record); None for a re-evaluation.
         "selection": selection,
         "per_class": per_class_report(test["confusion_matrix"], names),
         # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.

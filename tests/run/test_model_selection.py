@@ -11,7 +11,7 @@ import torch
 from helpers import tiny
 
 from ssl_kvasir.cli import main
-from ssl_kvasir.run.selection import Selection
+from ssl_kvasir.run.model_selection import Selection
 
 
 class Scripted(L.LightningModule):
