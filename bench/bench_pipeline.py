@@ -145,14 +145,20 @@ def items_per_core(dm, rows: np.ndarray, repeat: int) -> dict[str, float]:
     """Unlabeled items (weak + strong view) per second in one process with one torch thread."""
     from torchvision import transforms as T
 
-    from ssl_kvasir.data.augment import make_views
+    from ssl_kvasir.data.augment import make_views, weak_padding
     from ssl_kvasir.data.datamodule import seeded
-    from ssl_kvasir.data.transforms import build_view
+    from ssl_kvasir.data.transforms import timm_rand_augment
 
     ds = dm.dataset(rows, ("weak", "strong"))
-    # The old path: each view's PIL transforms after one shared resize (what the workers ran before).
+    # The old path: each view's PIL transforms after one shared resize (what the workers ran before): flip
+    # and reflect-padded crop; for the strong view timm's RandAugment and, after normalisation, Cutout.
+    size = dm.image_size
+    weak = [T.RandomHorizontalFlip(), T.RandomCrop(size, padding=weak_padding(size), padding_mode="reflect")]
+    to_tensor = [T.ToTensor(), T.Normalize(MEAN, STD)]
+    cutout = T.RandomErasing(p=1.0, scale=(0.02, 0.25), ratio=(1.0, 1.0), value=0.0)
     old_views = [
-        T.Compose(build_view(v, dm.image_size, MEAN, STD).transforms[1:]) for v in ("weak", "strong")
+        T.Compose([*weak, *to_tensor]),
+        T.Compose([*weak, timm_rand_augment(size, MEAN, color=True), *to_tensor, cutout]),
     ]
 
     def old():

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ssl_kvasir.console import Progress
 from ssl_kvasir.data.decode import decode_image
 from ssl_kvasir.errors import DataError
 from ssl_kvasir.files import LOCK_FILE, atomic_write, atomic_write_json, hold_lock, lock_holder
-from ssl_kvasir.console import Progress
 
 CACHE_FORMAT = "ssl_kvasir image cache"
 CACHE_VERSION = 1
@@ -72,11 +72,6 @@ class CacheReport:
     shards_built: int = 0
     shards_reused: int = 0
     elapsed_s: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        """Images encoded per second of wall time by this run."""
-        return self.n_new / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 def _shard_name(i: int) -> str:

@@ -115,19 +115,16 @@ class StreamCollate:
     Args:
         views: the view names the stream's consumer reads.
         maker: the view settings (image size, colour, policy).
-        in_worker: make the views here, on the CPU, instead of leaving them to the training device (for
-            loops that use the batch as it comes, e.g. ``batch["eval"].to(device)``).
     """
 
     views: tuple[str, ...]
     maker: ViewMaker
-    in_worker: bool = False
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = default_collate(samples)
         batch["views"] = self.views
         batch["aug"] = {v: self.maker.params(batch["aug_seed"], v) for v in self.views if v != "eval"}
-        return self.maker.stream(batch) if self.in_worker else batch
+        return batch
 
 
 @contextlib.contextmanager
@@ -410,7 +407,6 @@ class KvasirDataModule(L.LightningDataModule):
         batch_size: int,
         views: Sequence[str],
         sampler: Sampler | None = None,
-        in_worker: bool = False,
     ) -> DataLoader:
         return DataLoader(
             dataset,
@@ -418,7 +414,7 @@ class KvasirDataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=StreamCollate(tuple(views), self.view_maker, in_worker),
+            collate_fn=StreamCollate(tuple(views), self.view_maker),
             pin_memory=torch.cuda.is_available(),
             drop_last=sampler is not None,
         )
@@ -446,27 +442,21 @@ class KvasirDataModule(L.LightningDataModule):
             )
         return loaders
 
-    def loader(self, rows: np.ndarray, view: str = "eval", device_views: bool = False) -> DataLoader:
-        """An ordered evaluation loader over any catalog rows.
+    def loader(self, rows: np.ndarray, view: str = "eval") -> DataLoader:
+        """An ordered evaluation loader over any catalog rows. Its batches carry the uint8 ``image``; the
+        device makes ``view`` from it (:meth:`transfer`, or the Lightning hook).
 
         Args:
             rows: catalog rows.
-            view: the view its batches carry.
-            device_views: leave the view to the device (:meth:`transfer` or the Lightning hook make it from
-                the uint8 ``image``); otherwise the workers make it and ``batch[view]`` is ready on the CPU.
+            view: the view its batches' consumer reads.
         """
-        return self._loader(
-            self.dataset(rows, (view,)), self.eval_batch_size, (view,), in_worker=not device_views
-        )
+        return self._loader(self.dataset(rows, (view,)), self.eval_batch_size, (view,))
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.split.val, device_views=True)
+        return self.loader(self.split.val)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.split.test, device_views=True)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader(unlabeled_pool(self.split), device_views=True)
+        return self.loader(self.split.test)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Make the views of every stream in the batch, on the device it was moved to."""

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ssl_kvasir.console import Progress
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.methods import BaseMethod
-from ssl_kvasir.console import Progress
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -91,7 +91,7 @@ class Predictor:
         features (B, D) float32 (None otherwise). Workers decode; the ``eval`` view is made on the device, as in
         training. A progress bar on a terminal, a closing log line otherwise."""
         with Progress(what, len(rows), closing_line=True) as progress:
-            for batch in datamodule.loader(rows, device_views=True):
+            for batch in datamodule.loader(rows):
                 x = datamodule.transfer(batch, self.device)["eval"]  # (B, 3, H, W)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

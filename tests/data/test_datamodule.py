@@ -78,24 +78,23 @@ def test_views_are_a_function_of_the_sampled_seed(synth_archive):
 
 
 @pytest.mark.parametrize("policy", ["fixmatch", "timm"])
-def test_views_made_in_the_workers_equal_views_made_after_the_transfer(synth_archive, policy):
+def test_the_loader_leaves_the_views_to_the_device(synth_archive, policy):
     catalog = load_catalog(synth_archive, split_file=synth_archive / "2_fold_split.csv")
     split = make_split(catalog, eval_fold=0, seed=0)
     dm = KvasirDataModule(
         catalog, split, image_size=32, mean=MEAN, std=STD, num_workers=0, strong_policy=policy, batch_size=5
     )
     rows = split.test[:5]
-    on_cpu = next(iter(dm.loader(rows)))
-    on_device = next(iter(dm.loader(rows, device_views=True)))
-    assert "eval" not in on_device and on_device["image"].dtype == torch.uint8
-    assert torch.equal(dm.transfer(on_device, "cpu")["eval"], on_cpu["eval"])
+    batch = next(iter(dm.loader(rows)))
+    assert (
+        "eval" not in batch and batch["image"].dtype == torch.uint8 and batch["image"].shape == (5, 3, 32, 32)
+    )
+    made = dm.transfer(batch, "cpu")["eval"]  # (5, 3, 32, 32)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(made, (batch["image"] / 255 - mean) / std, atol=1e-5)
     ds = dm.dataset(rows, ("weak", "strong"))
-    items = [(i, 1000 + i) for i in range(5)]
-    made = dm._loader(ds, 5, ("weak", "strong"), in_worker=True).collate_fn([ds[i] for i in items])
-    later = dm.transfer(dm._loader(ds, 5, ("weak", "strong")).collate_fn([ds[i] for i in items]), "cpu")
-    assert ("strong_image" in ds[items[0]]) == (policy == "timm")
-    for v in ("weak", "strong"):
-        assert torch.equal(made[v], later[v])
+    # timm's policy runs in the workers on PIL images: its strong image travels beside the plain one.
+    assert ("strong_image" in ds[(0, 1000)]) == (policy == "timm")
 
 
 def test_datamodule_serves_the_methods_streams(synth_archive):

@@ -72,7 +72,7 @@ class Images(Dataset):
         return {"eval": torch.randn(3, 8, 8, generator=g), "index": i}
 
 class Source:  # the two calls of a DataModule that prediction makes, over generated images
-    def loader(self, rows, device_views): return DataLoader(Images(len(rows)), batch_size=256)
+    def loader(self, rows): return DataLoader(Images(len(rows)), batch_size=256)
     def transfer(self, batch, device): return batch
 
 n = int(sys.argv[1])
