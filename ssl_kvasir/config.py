@@ -483,8 +483,29 @@ def check_inputs(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
             problems.append(f"{key}={path}: {blocker} is a file, not a folder")
     if isinstance(value["predictions"], list):
         problems += [f"predictions: {p} is not a file" for p in value["predictions"] if not Path(p).is_file()]
+    problems += _data_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    """The archive folder and where its folds come from: exactly one of a split file and generated folds."""
+    if _lookup(cfg, "data.split_file") is _ABSENT or _lookup(cfg, "data.generate_folds") is _ABSENT:
+        return []  # a config without folds
+    root, split, generate = (_lookup(cfg, f"data.{k}") for k in ("root", "split_file", "generate_folds"))
+    problems = []
+    if isinstance(root, str) and not Path(root).is_dir():
+        problems.append(f"data.root={root} is not a folder")
+    if split is not None and generate is not None:
+        problems.append("give either a split file (data.split_file) or data.generate_folds, not both")
+    elif split is None and generate is None:
+        problems.append(
+            "no split file: pass data.split_file=FILE (the official 2_fold_split.csv for HyperKvasir), or ask "
+            "for seeded stratified folds explicitly with data.generate_folds=N"
+        )
+    elif isinstance(split, str) and not Path(split).is_file():
+        problems.append(f"data.split_file={split} is not a file")
+    return problems
 
 
 _ABSENT = object()

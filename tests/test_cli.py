@@ -240,6 +240,15 @@ CASES = [
         ["output=", "is a folder: name the file to write"],
     ),
     ("fit", [*FIT, "backbone.weights={payload}"], 2, ["payload.pth", "not only tensors"]),
+    # Where the folds come from: checked with the config, before torch is imported (it was after).
+    (
+        "fit",
+        [*FIT, "data.generate_folds=2"],
+        2,
+        ["either a split file (data.split_file) or data.generate_folds"],
+    ),
+    ("fit", ["data.root={root}", "output_dir={out}"], 2, ["no split file", "data.generate_folds=N"]),
+    ("fit", ["data.root={root}", "data.split_file={tmp}/none.csv", "output_dir={out}"], 2, ["none.csv"]),
     # Issue 19: the checkpoint is the source of truth. A setting given that disagrees with it is refused, naming
     # both values (evaluate used to score the checkpoint's own training images, or at 224 px); so are data whose
     # split or classes are not the checkpoint's (folds swapped; other class names of the same count).
@@ -329,8 +338,10 @@ def test_config_values_are_refused_before_torch_is_imported() -> None:
         ["analyze", "checkpoint=/dev/null", "data.root=/x", "output_dir=/y", "predictions=5"],
         ["embed", "checkpoint=/", "data.root=/x", "output_dir=/y"],  # a checkpoint that is a folder
         ["export-pseudo-labels", "checkpoint=/dev/null", "data.root=/x"],  # no output_dir, no output
+        ["fit", "data.root=/", "output_dir=/y"],  # neither a split file nor generated folds
+        ["fit", "data.root=/", "output_dir=/y", "data.split_file=/s.csv", "data.generate_folds=2"],  # both
     ],
-    ids=["missing-key", "plus-key", "predictions", "checkpoint-folder", "no-output"],
+    ids=["missing-key", "plus-key", "predictions", "checkpoint-folder", "no-output", "no-folds", "two-folds"],
 )
 def test_input_checks_run_before_torch_is_imported(argv: list[str]) -> None:
     """The keys and paths a command names are checked right after its config, before torch is imported (two
