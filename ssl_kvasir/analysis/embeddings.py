@@ -421,21 +421,6 @@ class EmbeddingWriter:
         self._done.update(chunks)
         self._save_progress()
 
-    def write_chunk(self, chunk: int, features: np.ndarray, probs: np.ndarray) -> None:
-        """Write all rows of one chunk and record it as finished.
-
-        Args:
-            chunk: the chunk number, ``0 .. n_chunks - 1``.
-            features: ``(rows, D)`` features of the chunk's rows, ``rows = stop - start``.
-            probs: ``(rows, C)`` class probabilities.
-        """
-        start, stop = self.chunk_range(chunk)
-        features, probs = self._check_block(features, probs, stop - start)
-        rows = np.arange(start, stop)
-        self._features.write(rows, features)
-        self._probs.write(rows, probs)
-        self._mark_done([chunk])
-
     def add(self, features: np.ndarray, probs: np.ndarray) -> None:
         """Write the next rows of :meth:`pending_rows` (as of the first call), in any batch size.
 

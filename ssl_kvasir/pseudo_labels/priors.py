@@ -256,7 +256,3 @@ class EMClassPrior(nn.Module):
     def unlabeled_adjustment(self, tau: float) -> torch.Tensor:
         """The (C,) offset ``tau log pi_u`` added to weak-view logits to form the E-step posterior."""
         return log_prior(self.unlabeled_prior, tau)
-
-    def train_adjustment(self, tau: float) -> torch.Tensor:
-        """The (C,) offset ``tau log pi`` added to the logits in the training losses."""
-        return log_prior(self.train_prior, tau)

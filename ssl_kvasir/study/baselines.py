@@ -138,24 +138,6 @@ def random_guess_repeats(
     return repeats
 
 
-def random_guess_baseline(
-    labels: np.ndarray, folds: np.ndarray, num_classes: int, seed: int, n_repeats: int = 1
-) -> dict[str, float]:
-    """Uniform random guessing, averaged over the folds and over ``n_repeats`` repeats.
-
-    Args:
-        labels: class index of every labeled image, shape ``(N,)``.
-        folds: fold index of every image, shape ``(N,)`` (at least two distinct folds).
-        num_classes: C.
-        seed: seed of the guesses.
-        n_repeats: independent repeats to average (more repeats, less sampling noise).
-
-    Returns:
-        the metrics of :func:`ssl_kvasir.metrics.metrics_from_confusion`, averaged.
-    """
-    return _mean_metrics(random_guess_repeats(labels, folds, num_classes, seed, n_repeats))
-
-
 @dataclass(frozen=True)
 class BaselineResult:
     """One baseline row computed from a split file.

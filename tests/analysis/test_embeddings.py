@@ -37,9 +37,7 @@ def _write_in_one_go(out: Path) -> None:
     features, probs, paths, labels, folds = _data()
     writer = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="ckpt.pt")
     writer.write_index(paths, labels, folds)
-    for chunk in writer.pending_chunks():
-        start, stop = writer.chunk_range(chunk)
-        writer.write_chunk(chunk, features[start:stop], probs[start:stop])
+    writer.add(features, probs)
     writer.finalize()
 
 
@@ -119,7 +117,7 @@ def test_resume_with_other_settings_or_images_is_refused(tmp_path: Path) -> None
     features, probs, paths, labels, folds = _data()
     writer = EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt", checkpoint_sha256="sha256:a")
     writer.write_index(paths, labels, folds)
-    writer.write_chunk(0, features[:CHUNK], probs[:CHUNK])
+    writer.add(features[:CHUNK], probs[:CHUNK])
     # Keyed by the checkpoint's content: other bytes at the same path are refused, the same bytes elsewhere not.
     with pytest.raises(DataError, match="checkpoint_sha256: 'sha256:a' there, 'sha256:b' now"):
         EmbeddingWriter(out, N, D, C, chunk_rows=CHUNK, checkpoint="a.pt", checkpoint_sha256="sha256:b")
@@ -141,12 +139,12 @@ def test_bad_rows_are_refused(tmp_path: Path) -> None:
     features, probs, paths, labels, folds = _data()
     writer = EmbeddingWriter(tmp_path / "emb", N, D, C, chunk_rows=CHUNK)
     with pytest.raises(ConfigError, match="write_index"):
-        writer.write_chunk(0, features[:CHUNK], probs[:CHUNK])
+        writer.add(features[:CHUNK], probs[:CHUNK])
     writer.write_index(paths)
     with pytest.raises(DataError, match="float16"):
-        writer.write_chunk(0, features[:CHUNK] * 1e6, probs[:CHUNK])
-    with pytest.raises(DataError, match="expected \\(16, 8\\)"):
-        writer.write_chunk(0, features[:3], probs[:3])
+        writer.add(features[:CHUNK] * 1e6, probs[:CHUNK])
+    with pytest.raises(DataError, match="expected \\(3, 8\\)"):
+        writer.add(features[:3], probs[:4])
     with pytest.raises(DataError, match="more than once"):
         writer.write_index(paths[:-1] + paths[:1])
     with pytest.raises(ConfigError, match="dtype"):

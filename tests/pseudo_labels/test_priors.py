@@ -227,7 +227,6 @@ def test_em_class_prior_matches_naive_loop_and_survives_state_dict(posteriors):
         assert em.train_prior.tolist() == pytest.approx(pi, rel=1e-5)
         assert em.unlabeled_prior.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(em.unlabeled_adjustment(2.0), 2 * torch.tensor(pi_u).log(), atol=1e-5)
-    assert torch.allclose(em.train_adjustment(1.0), torch.tensor(pi).log(), atol=1e-5)
 
 
 def test_em_iterations_recover_the_unlabeled_mix():

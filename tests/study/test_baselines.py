@@ -15,7 +15,6 @@ from ssl_kvasir.metrics import METRIC_KEYS, classification_metrics
 from ssl_kvasir.study.baselines import (
     PAPER_TABLE3,
     majority_class_baseline,
-    random_guess_baseline,
     random_guess_repeats,
     split_file_baselines,
 )
@@ -74,11 +73,12 @@ def test_random_guessing_matches_paper_within_noise(split) -> None:
 def test_random_guessing_averages_its_repeats_and_is_seeded(split) -> None:
     labels, folds = split
     repeats = random_guess_repeats(labels, folds, 23, seed=5, n_repeats=4)
-    mean = random_guess_baseline(labels, folds, 23, seed=5, n_repeats=4)
+    _, random_row = split_file_baselines(SPLIT_FILE, seed=5, n_repeats=4)
     for key in METRIC_KEYS:
-        assert mean[key] == pytest.approx(np.mean([r[key] for r in repeats]))
-    assert random_guess_baseline(labels, folds, 23, seed=5) == repeats[0]
-    assert random_guess_baseline(labels, folds, 23, seed=6) != repeats[0]
+        assert random_row.metrics[key] == pytest.approx(np.mean([r[key] for r in repeats]))
+        assert random_row.std[key] == pytest.approx(np.std([r[key] for r in repeats], ddof=1))
+    assert random_guess_repeats(labels, folds, 23, seed=5) == repeats[:1]
+    assert random_guess_repeats(labels, folds, 23, seed=6) != repeats[:1]
 
 
 def test_majority_on_tiny_three_fold_split_equals_naive() -> None:
