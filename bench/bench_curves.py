@@ -18,7 +18,7 @@ import pandas as pd
 from harness import best_of, closing_line, parser
 
 from ssl_kvasir.names import LabelBudget
-from ssl_kvasir.run.folder import RESULTS_FORMAT
+from ssl_kvasir.run.folder import RESULTS_FORMAT, RunFolder
 
 METHODS = ("supervised", "fixmatch", "self_training", "flexmatch")
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
@@ -80,7 +80,7 @@ def make_results(root: Path, n_files: int, seed: int = 0) -> list[Path]:
             / f"frac{fraction:g}"
             / f"fold{fold}"
             / f"seed{run_seed}"
-            / "results.json"
+            / RunFolder.RESULTS
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
@@ -91,7 +91,7 @@ def make_results(root: Path, n_files: int, seed: int = 0) -> list[Path]:
 def naive_curves(root: Path, metrics: tuple[str, ...]) -> pd.DataFrame:
     """The obvious script: json.load and pandas.concat row by row, then groupby."""
     table = pd.DataFrame()
-    for path in sorted(root.rglob("results.json")):
+    for path in sorted(root.rglob(RunFolder.RESULTS)):
         with open(path) as f:
             results = json.load(f)
         row = {

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ssl_kvasir.run.folder import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("ssl-kvasir"))
 
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {unlabeled / 'pseudo_labels.csv'} (every unlabeled image)")
     print(f"  {analysis / 'pseudo_labels_authors.csv'} (confidence >= 0.5, the authors' format)")
     print("runs:")
-    for results in sorted(runs.rglob("results.json")):
+    for results in sorted(runs.rglob(RunFolder.RESULTS)):
         print(f"  {results}")
     print("\ntime per phase:")
     for name, seconds in timings.items():

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ssl_kvasir.errors import ConfigError, DataError
 from ssl_kvasir.files import LOCK_FILE, atomic_write_json
 from ssl_kvasir.names import LabelBudget
@@ -229,13 +231,13 @@ def _check_results(path: Path, r: dict) -> None:
     for key, value in metrics.items():
         if not is_number(value):
             raise _bad(path, f"metrics.{key} must be a finite number, got {value!r}")
-    n, cm = len(classes), r["confusion_matrix"]
-    if (
-        not isinstance(cm, list)
-        or len(cm) != n
-        or not all(isinstance(row, list) and len(row) == n for row in cm)
-        or not all(is_integer(v) and v >= 0 for row in cm for v in row)
-    ):
+    n = len(classes)
+    try:
+        # One array, not a Python check per cell: a sweep's curves read thousands of 23 x 23 matrices.
+        cm = np.asarray(r["confusion_matrix"])
+    except ValueError:  # ragged rows
+        cm = None
+    if cm is None or cm.shape != (n, n) or cm.dtype.kind != "i" or (cm < 0).any():
         raise _bad(
             path,
             f"'confusion_matrix' must be {n}x{n} non-negative integer counts (one row and column per class)",

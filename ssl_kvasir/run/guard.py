@@ -404,7 +404,8 @@ def interruptions(trainer, last: Path) -> Iterator[None]:
             raise stopped("SIGTERM") from None
         # A signal that run.preempt recorded (it owns SIGTERM and SIGINT while training) but that ended the
         # DataLoader workers before the next step could be checkpointed.
-        received = [cb.received for cb in trainer.callbacks if getattr(cb, "received", None) is not None]
+        callbacks = getattr(trainer, "callbacks", [])
+        received = [cb.received for cb in callbacks if getattr(cb, "received", None) is not None]
         if received:
             raise stopped(received[0].name) from None
         raise

@@ -230,6 +230,12 @@ def test_interruptions_become_fit_interrupted(tmp_path: Path) -> None:
     with pytest.raises(FitInterrupted) as e, interruptions(Trainer(), last):
         raise RuntimeError("DataLoader worker (pid(s) 25250) exited unexpectedly")
     assert e.value.status == 143
+    # The same with run.preempt owning the signals during training (outside SLURM): its record of Ctrl-C.
+    Trainer.received_sigterm = False
+    Trainer.callbacks = [type("Recorded", (), {"received": signal.SIGINT})()]
+    with pytest.raises(FitInterrupted) as e, interruptions(Trainer(), last):
+        raise RuntimeError("DataLoader worker (pid(s) 25250) exited unexpectedly")
+    assert e.value.status == 130 and e.value.resume_from == last
 
 
 def test_fit_without_cache_refuses_unusable_images_and_an_empty_fold(tiny_archive, tmp_path) -> None:

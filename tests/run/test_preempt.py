@@ -181,7 +181,8 @@ def test_a_requeued_fit_exits_143_with_one_line(
         raise Requeued("SIGUSR2", 6, "4242", last)
 
     monkeypatch.setattr(train, "fit", preempted)
-    assert main(["fit", f"data.root={tmp_path}", f"output_dir={tmp_path / 'point'}"]) == 143
+    args = [f"data.root={tmp_path}", "data.generate_folds=2", f"output_dir={tmp_path / 'point'}"]
+    assert main(["fit", *args]) == 143
     err = capsys.readouterr().err
     assert "Traceback" not in err
     [line] = [x for x in err.splitlines() if x.startswith("ssl-kvasir fit:")]
