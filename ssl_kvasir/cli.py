@@ -267,14 +267,13 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
-def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
+def _hydra_overrides(argv: list[str], prog: str, config: str, example: str) -> list[str]:
     if any(a in ("-h", "--help") for a in argv):
         from ssl_kvasir.config import config_dir
 
         print(
-            f"usage: {prog} KEY=VALUE ...\n\nHydra overrides on {config_dir()}/fit.yaml and its groups "
-            "(data, method, backbone, trainer, logger), e.g. method=fixmatch data.root=DIR data.fold=0 "
-            "data.label_fraction=0.1 backbone.name=resnet18 output_dir=DIR",
+            f"usage: {prog} KEY=VALUE ...\n\nHydra overrides on {config_dir()}/{config}.yaml and its groups "
+            f"(data, method, backbone, trainer, logger), e.g. {example}",
             file=sys.stderr,
         )
         raise SystemExit(0)
@@ -284,7 +283,8 @@ def _hydra_overrides(argv: list[str], prog: str) -> list[str]:
 def _fit(argv: list[str]) -> int:
     from ssl_kvasir.config import check_inputs, compose, validate
 
-    cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit"))
+    example = "method=fixmatch data.root=DIR data.fold=0 data.label_fraction=0.1 backbone.name=resnet18 output_dir=DIR"
+    cfg = compose("fit", _hydra_overrides(argv, "ssl-kvasir fit", "fit", example))
     validate(cfg)  # before the import below, which imports torch: a bad value is refused at once
     check_inputs(cfg, ("output_dir", "data.root"))
     from ssl_kvasir.run.train import fit
@@ -299,7 +299,8 @@ def _evaluate(argv: list[str]) -> int:
     from ssl_kvasir.config import CHECKPOINT_RULES, check_inputs, compose, validate
 
     # configs/evaluate.yaml: what the checkpoint was trained with is null there, "the checkpoint's".
-    cfg = compose("evaluate", _hydra_overrides(argv, "ssl-kvasir evaluate"))
+    example = "checkpoint=RUN/checkpoints/best.ckpt data.root=DIR data.split_file=FILE output_dir=DIR (the fold, image size and label budget are the checkpoint's)"
+    cfg = compose("evaluate", _hydra_overrides(argv, "ssl-kvasir evaluate", "evaluate", example))
     validate(cfg, CHECKPOINT_RULES)
     check_inputs(cfg, ("checkpoint", "output_dir", "data.root"))
     from ssl_kvasir.run.train import evaluate
