@@ -80,9 +80,9 @@ class FolderLocked(SslKvasirError):
     """Another live process holds the folder's lock."""
 
 
-def _process_start(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None where
-    there is no ``/proc``. Tells a live holder from a new process that was given a dead holder's pid."""
+    there is no ``/proc``. Tells a live process from a new one that was given a dead one's pid."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -91,11 +91,14 @@ def _process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _holder_alive(holder: dict) -> bool | None:
-    """Whether the lock's holder still runs: True or False on this host, None when it ran on another one."""
-    if holder.get("host") != socket.gethostname():
+def process_alive(host: str | None, pid: Any, started: int | None) -> bool | None:
+    """Whether process ``pid``, started at ``started`` (:func:`process_start`; None: not recorded), still runs
+    on ``host``: True or False on this host, None on another one, which cannot be checked from here.
+
+    Used by the folder locks here and by a sweep's markers (:mod:`ssl_kvasir.study.status`).
+    """
+    if host != socket.gethostname():
         return None
-    pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -104,8 +107,12 @@ def _holder_alive(holder: dict) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists and belongs to another user
-    started = holder.get("started")
-    return started is None or _process_start(pid) in (None, started)
+    return started is None or process_start(pid) in (None, started)
+
+
+def _holder_alive(holder: dict) -> bool | None:
+    """Whether the lock's holder still runs: True or False on this host, None when it ran on another one."""
+    return process_alive(holder.get("host"), holder.get("pid"), holder.get("started"))
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -215,7 +222,7 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         "what": what,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "started": _process_start(os.getpid()),
+        "started": process_start(os.getpid()),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         "token": os.urandom(8).hex(),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import cli_fit, dead_pid, error_lines, run_cli, write_lock
 
-from ssl_kvasir.files import LOCK_FILE, FolderLocked, _process_start, file_sha256, hold_lock
+from ssl_kvasir.files import LOCK_FILE, FolderLocked, file_sha256, hold_lock, process_start
 
 CONTENDERS = 4
 TRIALS = 20
@@ -146,7 +146,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path, ca
     assert "taking over the stale lock" in caplog.text
     # Stale: its pid now belongs to another process (this one) that started at another time.
     write_lock(
-        folder, host=socket.gethostname(), pid=os.getpid(), started=(_process_start(os.getpid()) or 0) + 1
+        folder, host=socket.gethostname(), pid=os.getpid(), started=(process_start(os.getpid()) or 0) + 1
     )
     with hold_lock(folder, "fourth"):
         pass
@@ -172,7 +172,7 @@ def live_holder():
     """A process that stays alive while a test needs its pid as a lock holder."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        yield {"host": socket.gethostname(), "pid": proc.pid, "started": _process_start(proc.pid)}
+        yield {"host": socket.gethostname(), "pid": proc.pid, "started": process_start(proc.pid)}
     finally:
         proc.kill()
         proc.wait()

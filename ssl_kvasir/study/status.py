@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssl_kvasir.errors import DataError
-from ssl_kvasir.files import atomic_write_json
+from ssl_kvasir.files import atomic_write_json, process_alive, process_start
 from ssl_kvasir.run.folder import RunFolder, read_results
 
 MARKER = "job.json"
@@ -55,16 +55,6 @@ class PointStatus:
 
 
 # ---- markers ----------------------------------------------------------------------------------------------------
-def _process_start(pid: int) -> str | None:
-    """The start time of a process in clock ticks since boot (``/proc/<pid>/stat`` field 22), which tells a
-    process from a later one that got the same id; ``None`` where ``/proc`` does not say."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def write_marker(out: Path, *, launcher: str, job_id: str, state: str, log: Path | None = None) -> dict:
     """Record that ``job_id`` holds the point ``out`` (``state``: ``queued`` or ``running``).
 
@@ -80,7 +70,7 @@ def write_marker(out: Path, *, launcher: str, job_id: str, state: str, log: Path
         "log": None if log is None else str(log),
     }
     if launcher == "local":
-        marker["pid_start"] = _process_start(int(job_id))
+        marker["pid_start"] = process_start(int(job_id))
     atomic_write_json(Path(out) / MARKER, marker)
     return marker
 
@@ -148,17 +138,9 @@ def slurm_job_state(job_id: str) -> tuple[str | None, str]:
 def local_job_alive(marker: dict) -> bool | None:
     """Whether the marker's local process still runs (``None``: it ran on another host, which cannot be
     checked from here)."""
-    if marker.get("host") != socket.gethostname():
-        return None
-    pid = int(marker["job_id"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
     started = marker.get("pid_start")
-    return started is None or _process_start(pid) == started
+    # A marker of an earlier version holds the start time as a string.
+    return process_alive(marker.get("host"), int(marker["job_id"]), None if started is None else int(started))
 
 
 # ---- the status of a point --------------------------------------------------------------------------------------

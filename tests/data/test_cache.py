@@ -444,7 +444,7 @@ def test_a_cache_still_being_built_is_not_called_interrupted(synth_archive, tmp_
     import subprocess
     import sys
 
-    from ssl_kvasir.files import LOCK_FILE, _process_start
+    from ssl_kvasir.files import LOCK_FILE, process_start
 
     cache_dir = tmp_path / "cache"
     _prepare(synth_archive, _synth_paths(synth_archive, 8), cache_dir)
@@ -452,7 +452,7 @@ def test_a_cache_still_being_built_is_not_called_interrupted(synth_archive, tmp_
     (cache_dir / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     prepare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        holder = {"host": socket.gethostname(), "pid": prepare.pid, "started": _process_start(prepare.pid)}
+        holder = {"host": socket.gethostname(), "pid": prepare.pid, "started": process_start(prepare.pid)}
         lock = {"what": f"ssl-kvasir prepare of {cache_dir}", "since": "05:00:00", **holder}
         (cache_dir / LOCK_FILE).write_text(json.dumps(lock))
         with pytest.raises(
