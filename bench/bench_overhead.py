@@ -1,13 +1,13 @@
 """Framework overhead of a FixMatch step: Lightning (the real FixMatch module + Trainer) vs a plain torch loop.
 
-Baseline: a hand-written loop doing the same computation as ``FixMatch.training_step`` (the default teacher,
-the live network labelling the weak view in the same forward pass as the labeled and strong batches; or the
-EMA teacher, an EMA forward of the weak batch), fixed-threshold masking, cross-entropy + masked
-cross-entropy, SGD with Nesterov momentum and the weight-decay split, the cosine schedule, the EMA update,
-the loss-finiteness check and the pseudo-label bookkeeping. Ours: the FixMatch
-LightningModule driven by ``lightning.Trainer`` as ``ssl-kvasir fit`` drives it (CSV logger, no progress
-bar). Both start from the same weights and consume the same pre-built in-memory batches, so data loading is
-excluded from both; the two end in the same weights, which is printed as a check that they did the same work.
+Baseline: a hand-written loop around the FixMatch module's own step: ``step_losses`` (the forward pass,
+masking, pseudo-labels and their bookkeeping, the losses), the loss-finiteness check of its
+``on_before_backward``, backward, the optimizer and schedule of its ``configure_optimizers`` (SGD with Nesterov
+momentum and the weight-decay split, the cosine schedule) and the EMA update of its ``on_train_batch_end``,
+called directly with no Trainer. Ours: the FixMatch LightningModule driven by ``lightning.Trainer`` as
+``ssl-kvasir fit`` drives it (CSV logger, no progress bar). Both start from the same weights and consume the
+same pre-built in-memory batches, so data loading is excluded from both; the two end in the same weights,
+which is printed as a check that they did the same work.
 The two run in lockstep: after each Lightning step, a callback runs the torch loop's step on the same batch,
 so both see the same load of the shared machine; the speed ratio is the median over steps of the paired
 ratio torch step time / Lightning step time (the median ignores the steps that another process interrupted).
@@ -23,7 +23,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from harness import Paired, Replay, closing_line, fixmatch_batches, paired_summary, parser
 
 NUM_CLASSES = 23
@@ -57,68 +56,30 @@ def _fixmatch_config(total_steps: int, lr: float, num_unlabeled: int, teacher: s
 
 
 class TorchFixMatch:
-    """FixMatch with the EMA teacher as a plain torch loop: the baseline.
+    """A FixMatch module trained by a plain torch loop: the baseline.
 
     Args:
         network: the network to train (trained in place).
-        hp: the same hyper-parameters the Lightning module gets.
+        hp: the same config values the Lightning module gets.
     """
 
     def __init__(self, network, hp: dict):
-        from ssl_kvasir.methods.base import fixmatch_cosine
-        from ssl_kvasir.models import EMA
-        from ssl_kvasir.pseudo_labels.masking import FixedThreshold
+        from ssl_kvasir.methods import FixMatch
 
-        self.hp = hp
-        self.model = network.train()
-        self.ema = EMA(self.model, hp["ema_decay"], hp["ema_warmup"])
-        self.masking = FixedThreshold(hp["threshold"])
-        decay = [p for p in self.model.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
-        self.opt = torch.optim.SGD(
-            [
-                {"params": decay, "weight_decay": hp["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=hp["lr"],
-            momentum=hp["momentum"],
-            nesterov=hp["nesterov"],
-        )
-        total = hp["max_steps"]
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: fixmatch_cosine(k, total, 0))
-        self.pl_correct, self.pl_total = torch.zeros(NUM_CLASSES), torch.zeros(NUM_CLASSES)
+        self.method = FixMatch.from_config(network, **hp).train()
+        self.method.configure_model()  # its EMA, as Lightning makes it before a fit
+        optimizers = self.method.configure_optimizers()
+        self.opt, self.sched = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+        self.model = self.method.model
 
     def step(self, batch: dict) -> None:
-        from ssl_kvasir.losses import masked_cross_entropy
-
-        x_lb, y_lb = batch["lb"]["weak"], batch["lb"]["label"]
-        ulb = batch["ulb"]
-        x_ulb_w, x_ulb_s, idx_ulb, y_ulb = ulb["weak"], ulb["strong"], ulb["pos"], ulb["label"]
-        n_lb, n_ulb = len(x_lb), len(x_ulb_w)
-        if self.hp["teacher"] == "model":
-            logits = self.model(torch.cat([x_lb, x_ulb_w, x_ulb_s]))  # (B + 2 mu B, C)
-            logits_lb, logits_ulb_w, logits_ulb_s = logits.split([n_lb, n_ulb, n_ulb])
-            probs_w = logits_ulb_w.detach().float().softmax(1)  # (mu B, C)
-        else:
-            logits_lb, logits_ulb_s = self.model(torch.cat([x_lb, x_ulb_s])).split([n_lb, n_ulb])
-            with torch.no_grad():
-                probs_w = self.ema(x_ulb_w).float().softmax(1)  # (mu B, C)
-        mask = self.masking(probs_w, idx_ulb)  # (mu B,)
-        self.masking.update(probs_w, idx_ulb)
-        pseudo = probs_w.argmax(1)  # (mu B,)
-        loss_u = masked_cross_entropy(logits_ulb_s, pseudo, mask)
-        loss = F.cross_entropy(logits_lb, y_lb) + self.hp["lambda_u"] * loss_u
-        known = (y_ulb >= 0) & (mask > 0)
-        correct = known & (pseudo == y_ulb)
-        self.pl_total.scatter_add_(0, pseudo, known.float())
-        self.pl_correct.scatter_add_(0, pseudo, correct.float())
-        if not torch.isfinite(loss):
-            raise RuntimeError("the loss diverged")
+        loss = self.method.step_losses(batch)["loss"]
+        self.method.on_before_backward(loss)  # raises when the loss is not finite
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.sched.step()
-        self.ema.update(self.model)
+        self.method.on_train_batch_end(None, batch, 0)  # the EMA update
 
 
 def run_lockstep(lightning_net, torch_net, batches: list[dict], lr: float, num_unlabeled: int, teacher: str):
