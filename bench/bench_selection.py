@@ -12,11 +12,11 @@ a tie to the earlier one, Lightning's rule) minus that of the final weights, and
 with ties to the later checkpoint is, on average, no worse than the final weights (within
 :data:`TOLERANCE`). The closing line checks the configured value against that measurement::
 
-    selection: test macro-F1 of the later-tie selection minus the final weights at n_val = 40 = -0.00x (target >= -0.005: met)
+    selection: test macro-F1 of the later-tie selection minus the final weights at n_val = 80 = -0.0033 (target >= -0.005: met)
 
 Usage::
 
-    python bench/bench_selection.py            # 2 methods x 2 seeds (about 2 minutes at one thread)
+    python bench/bench_selection.py            # 2 methods x 2 seeds (250 to 360 s at one thread on a busy machine)
     python bench/bench_selection.py --quick    # FixMatch, 1 seed, 300 steps
 """
 
