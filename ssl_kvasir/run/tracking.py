@@ -42,21 +42,21 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def label_budget(cfg: DictConfig) -> str:
-    """The run's :attr:`~ssl_kvasir.names.LabelBudget.id` (``frac0.1``, ``lpc25``)."""
-    return LabelBudget.from_settings(cfg.data.label_fraction, cfg.data.labels_per_class).id
+def label_budget(cfg: DictConfig) -> LabelBudget:
+    """The run's label budget (its ``id``, ``frac0.1`` or ``lpc25``, names groups and tags)."""
+    return LabelBudget.from_settings(cfg.data.label_fraction, cfg.data.labels_per_class)
 
 
 def run_group(cfg: DictConfig) -> str:
     """Runs that differ only by fold and seed share a group: ``<method>-<backbone>-<budget>``."""
-    return f"{cfg.method.name}-{backbone_id(cfg.backbone.name, cfg.backbone.head)}-{label_budget(cfg)}"
+    return f"{cfg.method.name}-{backbone_id(cfg.backbone.name, cfg.backbone.head)}-{label_budget(cfg).id}"
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
     return [
         cfg.method.name,
         backbone_id(cfg.backbone.name, cfg.backbone.head),
-        label_budget(cfg),
+        label_budget(cfg).id,
         f"fold{cfg.data.fold}",
         f"seed{cfg.seed}",
     ]
