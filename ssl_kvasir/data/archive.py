@@ -534,8 +534,8 @@ def inspect_images(
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from ssl_kvasir.data.cache import pool_context
     from ssl_kvasir.console import Progress
+    from ssl_kvasir.data.cache import pool_context
 
     paths = list(paths)
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
