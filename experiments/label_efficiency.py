@@ -297,7 +297,9 @@ def main() -> None:
     if out.exists() and any(out.iterdir()) and not args.resume:
         # fit() takes a finished run there as done (and refuses one made with other settings): ask for it.
         parser.error(f"--out {out} is not empty (--resume reuses its finished runs)")
-    data = write_digits(out / "digits", args.image_size)
+    # A resumed study reads the data set its runs were made from (fit refuses a run whose inputs changed).
+    resumed = args.resume and (out / "digits").exists()
+    data = out / "digits" if resumed else write_digits(out / "digits", args.image_size)
     common = [
         "backbone=test_resnet",  # the group of a randomly initialised timm model; its name is replaced
         f"backbone.name={args.backbone}",
