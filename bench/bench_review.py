@@ -282,11 +282,11 @@ def main() -> None:
     print(f"\n{len(rows)} seed(s); {time.perf_counter() - start:.0f} s in all.")
     gains = [r["priority"] - r["random"] for r in rows]
     gain = statistics.mean(gains)
-    se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+    se = f"{statistics.stdev(gains) / len(gains) ** 0.5:.3f}" if len(gains) > 1 else "n/a (one seed)"
     verdict = "met" if OPS[">"](gain, TARGET) else "NOT met"
     print(
-        f"review: macro-F1 gain of {a.k} images reviewed by priority over {a.k} random, {len(rows)} seeds = "
-        f"{gain:+.3f} ± {se:.3f} (target > {TARGET:g}: {verdict})",
+        f"review: macro-F1 gain of {a.k} images reviewed by priority over {a.k} random, {len(rows)} "
+        f"seed{'s' if len(rows) > 1 else ''} = {gain:+.3f} ± {se} (target > {TARGET:g}: {verdict})",
         flush=True,
     )
 
