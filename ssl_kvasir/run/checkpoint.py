@@ -210,7 +210,11 @@ def require_same_data(module: BaseMethod, checkpoint: str | Path, exp: Experimen
     ours, theirs = list(exp.catalog.classes.names), list(module.data_settings["classes"])
     if ours != theirs:
         differ = [f"{a} / {b}" for a, b in zip(theirs, ours, strict=False) if a != b][:3]
-        detail = f"first differences (checkpoint / data): {', '.join(differ)}" if differ else "in order"
+        detail = (
+            f"first differences (checkpoint / data): {', '.join(differ)}"
+            if differ
+            else "the same names as far as both go"
+        )
         raise DataError(
             f"checkpoint {checkpoint} was trained on {len(theirs)} classes that the data at {root} do not have "
             f"({len(ours)} classes; {detail})"

@@ -1,7 +1,7 @@
 """Our runs beside the paper's Table 3: reads ``results.json`` files, averages each system over its folds.
 
 A *system* is what the paper calls a row: one method on one backbone, trained once per fold. Its name is
-``results["system"]``, else ``results["config"]["system"]``, else ``<method>-<backbone>`` (with the budget,
+``results["system"]`` (``system=`` of the fit), else ``<method>-<backbone>`` (with the budget,
 ``-frac0.1`` or ``-lpc25``, appended when it did not use every label, so that a label-fraction sweep does not collapse into
 one row). A system's metrics are the mean over its folds of the mean over its runs in that fold (several seeds
 of one fold count once), as the paper reports "the average of the two folds".
@@ -134,9 +134,6 @@ def load_result(path: str | Path) -> RunResult:
         raise bad("'confusion_matrix' counts no images")
 
     system = results.get("system")
-    config = results.get("config")
-    if system is None and isinstance(config, dict):
-        system = config.get("system")
     if system is not None and (not isinstance(system, str) or not system.strip()):
         raise bad(f"'system' must be a non-empty string, got {system!r}")
     return RunResult(
@@ -268,7 +265,7 @@ def summarize_systems(
                 classes=classes,
             )
         )
-    paper_order = {row: i for i, row in enumerate(PAPER_TABLE3)}
+    paper_order: dict[str | None, int] = {row: i for i, row in enumerate(PAPER_TABLE3)}
     return sorted(summaries, key=lambda s: (paper_order.get(s.paper_row, len(paper_order)), s.name))
 
 
@@ -301,7 +298,7 @@ class TableRow:
 
     def __post_init__(self) -> None:
         self.diff = {
-            k: None if self.paper[k] is None else self.ours[k] - self.paper[k] for k in TABLE_METRICS
+            k: None if (paper := self.paper[k]) is None else self.ours[k] - paper for k in TABLE_METRICS
         }
 
 

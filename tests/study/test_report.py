@@ -63,7 +63,7 @@ def _write(folder: Path, results: dict) -> Path:
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
-    """Two systems x two folds under one parent folder; the second system names itself in its config and
+    """Two systems x two folds under one parent folder; the second system names itself (its system field) and
     lists its classes in reverse order."""
     root = tmp_path / "runs"
     _write(root / "r50_f0", _results("supervised", "resnet50", 0, 0.50, seed=1))
@@ -74,7 +74,7 @@ def runs(tmp_path: Path) -> Path:
         results["classes"] = [NAMES[i] for i in order]
         paper_cm = np.array(results["confusion_matrix"])
         results["confusion_matrix"] = paper_cm[np.ix_(order, order)].tolist()  # same counts, reversed order
-        results["config"] = {"system": "ensemble-avg"}
+        results["system"] = "ensemble-avg"
         _write(root / f"ens_f{fold}", results)
     return root
 
