@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 DATA ?=
 LAUNCHER ?= local
 
-.PHONY: install test lint format bench demo pretrain status curves table3
+.PHONY: install test lint typecheck format bench demo pretrain status curves table3
 
 $(BIN)/ssl-kvasir: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 lint: install
 	$(BIN)/ruff check ssl_kvasir experiments bench tests
 	$(BIN)/ruff format --check ssl_kvasir experiments bench tests
+
+# mypy on ssl_kvasir/ at the strictness pyproject.toml's [tool.mypy] states.
+typecheck: install
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format ssl_kvasir experiments bench tests

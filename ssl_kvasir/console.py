@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("ssl_kvasir")
 
@@ -130,7 +131,7 @@ class Progress:
         self.what, self.total, self.unit = what, int(total), unit
         self.enabled, self.closing_line = enabled, closing_line
         self.done = 0
-        self._bar = None
+        self._bar: Any = None  # a rich progress bar, on a terminal
 
     def __enter__(self) -> Progress:
         self.start = self._last_line = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from ssl_kvasir.errors import ConfigError
 
@@ -68,9 +69,11 @@ class LabelBudget:
                 f"{label_fraction} and {labels_per_class}"
             )
         try:
-            if labels_per_class is None:
+            if label_fraction is not None:
                 return cls(FRACTION, label_fraction)
-            return cls(PER_CLASS, labels_per_class)
+            return cls(
+                PER_CLASS, cast(int, labels_per_class)
+            )  # set: exactly one of the two is, checked above
         except ConfigError:
             key, value = (
                 ("data.label_fraction", label_fraction)

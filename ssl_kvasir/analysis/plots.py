@@ -10,6 +10,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,9 +41,9 @@ def class_colors(n: int) -> list[tuple[float, float, float]]:
     """``n`` distinguishable colours: tab20, then Dark2, then evenly spaced hues."""
     from matplotlib import colormaps
 
-    colors = [tuple(c[:3]) for c in colormaps["tab20"].colors] + [
-        tuple(c[:3]) for c in colormaps["Dark2"].colors
-    ]
+    # Both are ListedColormaps, whose `colors` matplotlib types loosely (any array-like).
+    listed: Any = colormaps
+    colors = [tuple(c[:3]) for c in listed["tab20"].colors] + [tuple(c[:3]) for c in listed["Dark2"].colors]
     if n > len(colors):
         hsv = colormaps["hsv"]
         colors += [tuple(hsv(i / (n - len(colors)))[:3]) for i in range(n - len(colors))]

@@ -222,7 +222,8 @@ def read_split_file(path: Path, classes: ClassTable, problems: list[str] | None 
 
 def _split_rows(path: Path, reader, classes: ClassTable, found: list[str]) -> list[tuple[str, int, int]]:
     """The good rows of a split file after its header; each bad row is one sentence in ``found``."""
-    rows, seen = [], {}
+    rows: list[tuple[str, int, int]] = []
+    seen: dict[str, int] = {}  # file name -> the line it was first listed on
     for lineno, fields in enumerate(reader, start=2):
         if not fields:
             continue

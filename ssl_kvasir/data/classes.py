@@ -68,7 +68,7 @@ class ClassTable(Sequence[ClassInfo]):
         """A table of plain names (a generic image-folder data set), in the order given."""
         return cls(ClassInfo(index=i, folder=n) for i, n in enumerate(names))
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self._classes[i]
 
     def __len__(self) -> int:

@@ -45,6 +45,7 @@ def decode_image(source: Path | bytes, min_size: int | None, name: str) -> Image
         DataError: naming ``name`` and the reason, when the file is missing, not an image, truncated or
             otherwise corrupt, or in a mode that cannot be converted to RGB.
     """
+    fp: io.BytesIO | Path
     if isinstance(source, (bytes, bytearray, memoryview)):
         fp = io.BytesIO(source)
     else:

@@ -146,7 +146,7 @@ def render_image(label: int, width: int, height: int, rng: np.random.Generator) 
 
 def _uuid_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
     """``n`` new random-UUID-like file names (``<uuid4>.jpg``) from ``rng``, none in ``taken``."""
-    names = []
+    names: list[str] = []
     while len(names) < n:
         name = f"{uuid.UUID(bytes=rng.bytes(16), version=4)}.jpg"
         if name not in taken:

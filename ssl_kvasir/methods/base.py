@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import lightning as L
 import numpy as np
@@ -177,6 +177,11 @@ class BaseMethod(L.LightningModule):
         loss: the labeled loss, ``ce`` or ``logit_adjusted`` (Menon et al. 2021; see :meth:`labeled_loss`).
         la_tau: strength tau of the logit adjustment.
     """
+
+    labeled_prior: torch.Tensor
+    hparams: Any  # Lightning's AttributeDict: the constructor's settings, read as attributes
+    _hparams_initial: Any
+    data_settings: dict[str, Any]  # set by ssl_kvasir.run.checkpoint.load_method: what the data was
 
     name: ClassVar[str] = "base"
     labeled_views: ClassVar[tuple[str, ...]] = ("weak",)
@@ -339,7 +344,8 @@ class BaseMethod(L.LightningModule):
         if estimator is not None:
             if self.current_epoch > 0:
                 estimator.end_epoch()
-            self.log_dict({f"train/unlabeled_prior/{n}": p for n, p in self.unlabeled_prior.items()})
+            prior = cast("dict[str, float]", self.unlabeled_prior)  # the estimator's, not None
+            self.log_dict({f"train/unlabeled_prior/{n}": p for n, p in prior.items()})
 
     def on_train_end(self) -> None:
         """Fold the last epoch into the unlabeled prior estimate too, so that it has seen every epoch."""
@@ -395,7 +401,7 @@ class BaseMethod(L.LightningModule):
         (``loss_x``, ``mask_rate``...). Every method implements it."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """The method's :meth:`step_losses`, logged as ``train/<name>`` through :meth:`log_training_step`."""
         values = self.step_losses(batch)
         self.log_training_step({f"train/{k}": v for k, v in values.items()})
@@ -439,7 +445,7 @@ class BaseMethod(L.LightningModule):
         """``x`` of every process, concatenated along the batch (``x`` itself on one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return x
-        return self.all_gather(x).flatten(0, 1)
+        return cast(torch.Tensor, self.all_gather(x)).flatten(0, 1)
 
     # ---- prediction ----------------------------------------------------------------------------------
     def classify(
@@ -447,7 +453,7 @@ class BaseMethod(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, D) and logits (B, C) of images ``x`` by ``modules`` (live or averaged copies, keyed as
         :meth:`trainable_modules`). Override to predict through another head."""
-        return modules["model"].features_and_logits(x)
+        return cast(Network, modules["model"]).features_and_logits(x)
 
     @property
     def eval_modules(self) -> Mapping[str, nn.Module]:

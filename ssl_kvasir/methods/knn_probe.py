@@ -26,6 +26,9 @@ class KnnProbe(BaseMethod):
         **base: arguments of :class:`BaseMethod` (the labeled class counts give the database's size).
     """
 
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+
     name = "knn_probe"
     labeled_views = ("eval",)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ssl_kvasir.methods.base import BaseMethod
@@ -19,8 +21,12 @@ class SemiSupervised(BaseMethod):
         **base: arguments of :class:`BaseMethod`.
     """
 
+    _pl_correct: torch.Tensor
+    _pl_total: torch.Tensor
+    _pl_count: torch.Tensor
+
     labeled_views = ("weak",)
-    unlabeled_views = ("weak", "strong")
+    unlabeled_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 
     @classmethod
     def data_kwargs(cls, datamodule) -> dict:

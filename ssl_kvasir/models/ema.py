@@ -26,6 +26,8 @@ class EMA(nn.Module):
         warmup: whether to warm the decay up (turn off only to reproduce the fixed-decay behaviour).
     """
 
+    num_updates: torch.Tensor
+
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
         if not 0 <= decay < 1:

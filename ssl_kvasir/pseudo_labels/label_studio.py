@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import quoteattr
 
@@ -109,9 +110,9 @@ def write_tasks(
         f.write("[")
         for start in range(0, len(df), TASK_CHUNK):
             block = df.iloc[start : start + TASK_CHUNK]
-            tasks = []
+            tasks: list[str] = []  # each a JSON object
             for row in block.itertuples(index=False):
-                data = {TO_NAME: image_prefix + quote(str(row.path))}
+                data: dict[str, Any] = {TO_NAME: image_prefix + quote(str(row.path))}
                 data |= {c: _plain(getattr(row, c)) for c in data_columns}
                 result = {
                     "id": f"p{start + len(tasks)}",

@@ -82,6 +82,8 @@ class ClassAdaptiveThreshold(Masking):
         threshold: the upper threshold tau.
     """
 
+    selected: torch.Tensor
+
     def __init__(self, num_unlabeled: int, num_classes: int, threshold: float):
         super().__init__()
         self.threshold, self.num_classes = threshold, num_classes
@@ -124,6 +126,10 @@ class SelfAdaptiveThreshold(Masking):
         num_classes: C.
         momentum: m of the three running averages (USB's ``ema_p``, 0.999).
     """
+
+    global_threshold: torch.Tensor
+    class_probs: torch.Tensor
+    label_hist: torch.Tensor
 
     def __init__(self, num_classes: int, momentum: float):
         super().__init__()
@@ -175,6 +181,9 @@ class TruncatedGaussianWeights(Masking):
         n_sigma: width of the Gaussian in standard deviations (2).
     """
 
+    conf_mean: torch.Tensor
+    conf_var: torch.Tensor
+
     def __init__(self, num_classes: int, momentum: float, n_sigma: float):
         super().__init__()
         self.momentum, self.n_sigma = momentum, n_sigma
@@ -218,6 +227,10 @@ class DistributionAlignment(nn.Module):
         target: the (C,) target distribution p(y) (counts or probabilities).
         momentum: of the running average p~(y).
     """
+
+    target: torch.Tensor
+    model_dist: torch.Tensor
+    n_updates: torch.Tensor
 
     def __init__(self, target: torch.Tensor, momentum: float):
         super().__init__()

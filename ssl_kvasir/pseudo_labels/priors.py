@@ -94,6 +94,14 @@ class AdaptiveLogitAdjustment(nn.Module):
         mix_estimate: ``reference`` or ``histogram`` (above).
     """
 
+    labeled_prior: torch.Tensor
+    anchors: torch.Tensor
+    unlabeled_prior: torch.Tensor
+    tau: torch.Tensor
+    distances: torch.Tensor
+    distance_sum: torch.Tensor
+    distance_steps: torch.Tensor
+
     def __init__(
         self,
         labeled_counts: Sequence[int] | torch.Tensor,
@@ -196,6 +204,12 @@ class EMClassPrior(nn.Module):
         posteriors: ``all`` or ``confident``: which posteriors the M-step averages.
         warmup_steps: steps (updates) before the first M-step; the sums of earlier epochs are dropped.
     """
+
+    unlabeled_prior: torch.Tensor
+    train_prior: torch.Tensor
+    unlabeled_mass: torch.Tensor
+    labeled_seen: torch.Tensor
+    steps: torch.Tensor
 
     def __init__(
         self,

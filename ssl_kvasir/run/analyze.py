@@ -11,6 +11,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
@@ -22,6 +23,9 @@ from ssl_kvasir.run.checkpoint import adopt_checkpoint_settings, load_method, re
 from ssl_kvasir.run.experiment import build_datamodule, load_experiment
 from ssl_kvasir.run.predict import Predictor
 
+if TYPE_CHECKING:
+    from ssl_kvasir.analysis.embeddings import Embeddings
+
 log = logging.getLogger("ssl_kvasir")
 
 
@@ -29,7 +33,7 @@ log = logging.getLogger("ssl_kvasir")
 class Analysis:
     """Everything computed for one checkpoint; arrays are indexed like the embedding store's rows."""
 
-    store: object  # ssl_kvasir.analysis.embeddings.Embeddings
+    store: Embeddings
     eval_fold: int
     database_rows: np.ndarray | None = None  # the kNN database (None: every labeled training-fold image)
     knn_probs: np.ndarray | None = None  # (N, C) for every row that is not a labeled training image

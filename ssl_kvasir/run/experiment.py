@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -87,7 +88,9 @@ def method_class(name: str) -> type[BaseMethod]:
 
 def build_network_from_cfg(cfg: DictConfig, num_classes: int) -> Network:
     b = cfg.backbone
-    weights = OmegaConf.to_container(b.weights) if OmegaConf.is_list(b.weights) else b.weights
+    weights = (
+        cast("list[str]", OmegaConf.to_container(b.weights)) if OmegaConf.is_list(b.weights) else b.weights
+    )
     return build_network(
         b.name,
         num_classes,
@@ -147,7 +150,8 @@ def schedule(max_steps: int, steps_per_epoch: int) -> tuple[int, int]:
 def method_config(cfg: DictConfig, method_cls: type[BaseMethod]) -> dict:
     """The keys of ``cfg.method`` that the method's constructor takes (not its name, not its procedure's)."""
     skip = {"name", *method_cls.procedure_keys}
-    return {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in skip}
+    method = cast("dict[str, Any]", OmegaConf.to_container(cfg.method, resolve=True))
+    return {k: v for k, v in method.items() if k not in skip}
 
 
 def build_method(

@@ -26,7 +26,7 @@ import signal
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ssl_kvasir.errors import DataError, SslKvasirError
 from ssl_kvasir.files import file_sha256, hold_lock
@@ -153,7 +153,11 @@ def fingerprint(config: Any) -> dict[str, Any]:
     """
     from omegaconf import DictConfig, OmegaConf
 
-    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    tree = (
+        cast("dict[str, Any]", OmegaConf.to_container(config, resolve=True))
+        if isinstance(config, DictConfig)
+        else config
+    )
     flat = _flatten(tree)
     kept = {
         k: (_absolute(v) if k in PATH_KEYS else v)

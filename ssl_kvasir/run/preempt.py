@@ -37,6 +37,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -103,7 +104,9 @@ class PreemptionCheckpoint(Callback):
         self.requeue = requeue
         self.job_id = (job_id or slurm_job_id()) if requeue else None
         self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, object] = {}
+        self._previous: dict[
+            signal.Signals, Any
+        ] = {}  # the handlers replaced, as signal.getsignal gives them
         self._rng_pending: dict | None = None
         self._saving = False
 
@@ -185,7 +188,7 @@ class PreemptionCheckpoint(Callback):
 def rng_state() -> dict:
     """This process's random generators (torch CPU and CUDA, numpy, Python) as tensors and plain lists, which a
     checkpoint loaded with ``weights_only`` may hold."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())  # the legacy tuple form
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),

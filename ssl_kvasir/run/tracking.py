@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,10 +139,11 @@ def log_analysis(
 
     run, opened = wandb.run, False
     if run is None:
-        results = checkpoint_results(checkpoint)
-        logger = ((results or {}).get("config") or {}).get("logger") or {}
+        results = checkpoint_results(checkpoint) or {}
+        logger = (results.get("config") or {}).get("logger") or {}
         if logger.get("kind") != "wandb":
             return None
+        mode: Any = logger.get("mode") or wandb_mode()  # a string W&B checks
         run = wandb.init(
             project=logger.get("project"),
             entity=logger.get("entity"),
@@ -150,7 +151,7 @@ def log_analysis(
             job_type="analysis",
             name=f"{run_name_from_results(results)}-analysis",
             dir=str(out),
-            mode=logger.get("mode") or wandb_mode(),
+            mode=mode,
             config={"checkpoint": str(checkpoint), "analysis_dir": str(out)},
         )
         opened = True
@@ -198,7 +199,7 @@ def wandb_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = N
         name=identity["name"],
         save_dir=str(out),
         mode=cfg.logger.mode or wandb_mode(),
-        config={**OmegaConf.to_container(cfg, resolve=True), **identity["config"]},
+        config={**cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)), **identity["config"]},
         id=_stable_run_id(out),
         resume="allow",
     )
@@ -279,7 +280,7 @@ def log_curves(run, table, png: Path, charts: Mapping[str, LineChart]) -> None:
     its key."""
     import wandb
 
-    logged = {
+    logged: dict[str, Any] = {
         "label_efficiency/table": wandb.Table(dataframe=table.astype(object).where(table.notna(), None)),
         "label_efficiency/curves": wandb.Image(str(png)),
     }

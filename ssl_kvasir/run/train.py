@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,8 +67,8 @@ class StageRunner:
     def __init__(self, cfg: DictConfig, exp: Experiment, method_cls: type[BaseMethod], out: Path):
         self.cfg, self.exp, self.method_cls, self.out = cfg, exp, method_cls, out
         self.folder = RunFolder(out)
-        method = OmegaConf.to_container(cfg.method, resolve=True)
-        self.config = {k: method[k] for k in method_cls.procedure_keys if k in method}
+        method = cast("dict[str, Any]", OmegaConf.to_container(cfg.method, resolve=True))
+        self.config: Mapping[str, Any] = {k: method[k] for k in method_cls.procedure_keys if k in method}
         self.num_classes = len(exp.catalog.classes)
         d = cfg.data
         self.pool_rows = unlabeled_pool(exp.split, d.use_archive_unlabeled, d.unlabeled_rest)
@@ -252,10 +252,10 @@ def build_trainer(
     )
     # A progress bar on a terminal; one line per epoch in logs and pipes.
     interactive = bool(t.progress_bar) and sys.stderr.isatty()
-    plugins = [AtomicCheckpointIO()]
+    plugins: list[Any] = [AtomicCheckpointIO()]
     from ssl_kvasir.run.preempt import PreemptionCheckpoint, ProgressFile
 
-    cluster = [ProgressFile(folder.progress, every_n_steps=t.log_every_n_steps)]
+    cluster: list[Any] = [ProgressFile(folder.progress, every_n_steps=t.log_every_n_steps)]
     if "SLURM_JOB_ID" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 

@@ -164,7 +164,7 @@ def reference_figures(metrics: Sequence[str], shown: bool = True) -> dict[str, f
     if not shown:
         return {}
     row = PAPER_TABLE3[REFERENCE_ROW] or {}
-    return {m: float(row[m]) for m in metrics if row.get(m) is not None}
+    return {m: float(v) for m in metrics if (v := row.get(m)) is not None}
 
 
 def render_markdown(
@@ -175,7 +175,7 @@ def render_markdown(
 ) -> str:
     """One table per metric (and budget kind): a row per method and backbone, a column per budget, cells
     ``mean ± std (n)``; the paper's figures quoted when ``reference`` (:func:`shows_reference`)."""
-    reference = reference_figures(metrics, reference)
+    figures = reference_figures(metrics, reference)
     lines = ["# Label efficiency", ""]
     intro = "Mean ± sample standard deviation over folds and seeds (number of runs) on the evaluation folds"
     if n_runs is not None:
@@ -192,10 +192,10 @@ def render_markdown(
             else "."
         )
     )
-    if reference:
-        figures = ", ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in reference.items())
+    if figures:
+        quoted = ", ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in figures.items())
         lines.append(
-            f"Reference, the paper's supervised DenseNet-161 with 100 % of the labels (Table 3): {figures}."
+            f"Reference, the paper's supervised DenseNet-161 with 100 % of the labels (Table 3): {quoted}."
         )
     kinds = budget_kind_of(summary)
     budgets = budget_of(summary)
@@ -237,7 +237,7 @@ def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path, refer
     kinds = budget_kind_of(summary)
     budgets = budget_of(summary)
     rows = [k for k in (FRACTION, PER_CLASS) if (kinds == k).any()]
-    reference = reference_figures(metrics, reference)
+    figures = reference_figures(metrics, reference)
     fig = Figure(figsize=(4.2 * len(metrics), 3.6 * len(rows)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), len(metrics), squeeze=False)
@@ -258,8 +258,8 @@ def plot_curves(summary: pd.DataFrame, metrics: Sequence[str], path: Path, refer
                     x, mean, yerr=np.nan_to_num(std), color=color, marker="o", ms=4, capsize=3, label=label
                 )
                 ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-            if metric in reference:
-                ax.axhline(reference[metric], color="0.3", linestyle="--", linewidth=1, label=REFERENCE_LABEL)
+            if metric in figures:
+                ax.axhline(figures[metric], color="0.3", linestyle="--", linewidth=1, label=REFERENCE_LABEL)
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(ticks))
             ax.xaxis.set_minor_locator(NullLocator())

@@ -92,9 +92,9 @@ def add_to_manifest(root: Path, points: Iterable[Path]) -> None:
     path = Path(root) / MANIFEST
     known = list_manifest(root)
     for p in points:
-        p = str(Path(p).resolve())
-        if p not in known:
-            known.append(p)
+        key = str(Path(p).resolve())
+        if key not in known:
+            known.append(key)
     atomic_write_json(path, {"points": known})
 
 
