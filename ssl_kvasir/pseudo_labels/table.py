@@ -133,11 +133,11 @@ def read_authors_predictions(
             try:
                 values = [float(v) for v in fields[2:]]
             except ValueError:
-                bad = next(v for v in fields[2:] if not _parses(v))
-                raise DataError(f"{path}:{lineno}: probability {bad!r} is not a number") from None
+                text = next(v for v in fields[2:] if not _parses(v))
+                raise DataError(f"{path}:{lineno}: probability {text!r} is not a number") from None
             if not all(0.0 <= v <= 1.0 for v in values):
-                bad = next(v for v in values if not 0.0 <= v <= 1.0)
-                raise DataError(f"{path}:{lineno}: probability {bad!r} is outside [0, 1]")
+                outside = next(v for v in values if not 0.0 <= v <= 1.0)
+                raise DataError(f"{path}:{lineno}: probability {outside!r} is outside [0, 1]")
             names.append(name)
             predicted.append(int(label))
             rows.append(values)
