@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.data.classes import HYPERKVASIR_CLASSES
 from ssl_kvasir.errors import DataError
@@ -195,16 +196,7 @@ def test_label_studio_sdk_accepts_the_tasks(tmp_path):
 
 # -- the round trip through the real CLI ----------------------------------------------------------------------
 
-TINY = [
-    "backbone=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.steps_per_epoch=2",
-    "trainer.max_steps=4",
-    "trainer.progress_bar=false",
-    "logger=csv",
-]
+TINY = tiny()
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
@@ -54,18 +55,13 @@ def flipped_archive(tmp_path_factory):
 def test_flipped_labels_are_found(flipped_archive, tmp_path, capsys):
     data, truth = flipped_archive
     fit = tmp_path / "fit"
-    tiny = [
-        "backbone=test_resnet",
-        "data.image_size=32",
+    args = tiny(
         "data.batch_size=16",
-        "data.num_workers=0",
         "data.steps_per_epoch=10",
         "trainer.max_steps=60",
-        "trainer.progress_bar=false",
-        "logger=csv",
         "data.label_fraction=0.2",  # the network sees few of the labels; the k-fold heads see them all
-    ]
-    assert main(["fit", "method=supervised", f"output_dir={fit}", *data, *tiny]) == 0
+    )
+    assert main(["fit", "method=supervised", f"output_dir={fit}", *data, *args]) == 0
     checkpoint = Path(json.loads((fit / "results.json").read_text())["checkpoint"])
     checkpoint = checkpoint if checkpoint.is_absolute() else fit / checkpoint
     out = tmp_path / "issues"

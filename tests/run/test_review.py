@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import tiny
 
 from ssl_kvasir.cli import main
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "backbone=test_resnet",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.steps_per_epoch=2",
-    "trainer.max_steps=4",
-    "trainer.progress_bar=false",
-    "logger=csv",
-]
+TINY = tiny()
 BROWSER, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Headless and offline: no GPU, no sandbox (CI runs as root), no QUIC, no first-run page, no background traffic.
 BROWSER_FLAGS = [
