@@ -210,7 +210,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 METHOD_STATE = {
     "freematch": ["masking.global_threshold", "masking.class_probs", "masking.label_hist"],
     "softmatch": ["masking.conf_mean", "masking.conf_var", "alignment.model_dist"],
-    "mean_teacher": ["ema.module.model.head.weight"],
+    "mean_teacher": ["ema.module.model.head.1.weight"],  # the teacher (the head: dropout, linear)
     "pseudo_label": [],
 }
 
