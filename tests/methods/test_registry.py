@@ -141,6 +141,16 @@ def test_ensembles_train_and_load_from_checkpoint(head, tmp_path):
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
+    # The data settings a fit's DataModule records beside the weights (this test has no DataModule).
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    ckpt["KvasirDataModule"] = {
+        "classes": list("abcde"),
+        "image_size": 32,
+        "mean": list(net.data_config["mean"]),
+        "std": list(net.data_config["std"]),
+        "split": {},
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
     loaded = load_method(tmp_path / "m.ckpt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.predict_batch(x)[1], module.eval().predict_batch(x)[1], atol=1e-6)
