@@ -368,7 +368,7 @@ def prior_comparison(module, analysis: Analysis, classes, path: Path) -> dict | 
 
     from ssl_kvasir.analysis.plots import plot_composition
 
-    estimated = getattr(module, "unlabeled_prior", None)
+    estimated = module.unlabeled_prior
     if not estimated:
         return None
     s = analysis.store

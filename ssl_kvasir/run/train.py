@@ -341,7 +341,7 @@ def make_results(
         "selection": selection,
         "per_class": per_class_report(test["confusion_matrix"], names),
         # Methods that estimate the unlabeled pool's class mix (ACR, SimPro) expose it: class -> share.
-        "unlabeled_prior": getattr(module, "unlabeled_prior", None),
+        "unlabeled_prior": module.unlabeled_prior,
         # Settings under which the method does no more than a simpler one (ACR with a uniform training prior).
         "warnings": module.fit_warnings(),
         "confusion_matrix": np.asarray(test["confusion_matrix"]).tolist(),
