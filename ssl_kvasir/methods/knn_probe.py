@@ -17,8 +17,9 @@ class KnnProbe(BaseMethod):
     The fit only fills the database: each step embeds a labeled batch and stores its features and labels at the
     images' positions (gathered over the processes), so that the first pass over the labeled stream (an epoch of
     ``data.steps_per_epoch`` steps covers it when ``steps_per_epoch * batch_size`` reaches its size, with the
-    uniform sampler) fills it. Nothing is optimised; the database is state, so the checkpoint carries it, and
-    validation, selection, test, results and curves are those of every method.
+    uniform sampler) fills it, and the fit ends at the end of that epoch. Nothing is optimised; the database is
+    state, so the checkpoint carries it, and validation, selection, test, results and curves are those of every
+    method.
 
     Args:
         k: neighbours per query (fewer while the database holds fewer images).
@@ -56,6 +57,11 @@ class KnnProbe(BaseMethod):
         self.bank_labels[pos] = labels
         self.log_training_step({"train/bank_filled": (self.bank_labels >= 0).float().mean()})
         return None
+
+    def on_train_epoch_end(self) -> None:
+        """End the fit at the end of the epoch that completed the database: further steps would change nothing."""
+        if bool((self.bank_labels >= 0).all()):
+            self.trainer.should_stop = True
 
     def classify(self, modules, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, D) and the log of the vote's class probabilities (B, C) as logits. The frozen network

@@ -54,10 +54,13 @@ def test_knn_probe_fits_from_a_local_weights_file_and_fills_its_database(synth_a
     torch.manual_seed(1)
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     data = [f"data.root={synth_archive}", f"data.split_file={synth_archive / '2_fold_split.csv'}"]
-    overrides = tiny("method=knn_probe", "method.k=3", "trainer.max_steps=16", "data.steps_per_epoch=16")
+    overrides = tiny("method=knn_probe", "method.k=3", "trainer.max_steps=48", "data.steps_per_epoch=16")
     cfg = compose("fit", [f"output_dir={tmp_path / 'run'}", *data, *overrides, f"backbone.weights={weights}"])
     results = fit(cfg)
     assert results["method"] == "knn_probe" and 0 <= results["metrics"]["macro_f1"] <= 1
     trained = load_method(tmp_path / "run" / results["checkpoint"])
     assert (trained.bank_labels >= 0).all()  # every labeled training image is in the database
     assert len(trained.bank) == results["n_labeled"]
+    # The first epoch filled the database, and the fit ended with it (not after the three epochs asked for).
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 16
