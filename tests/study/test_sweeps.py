@@ -125,7 +125,7 @@ def test_ddp_fit_on_cpu_writes_the_same_fields(sweep_root: Path, synth_archive: 
     assert set(ddp["metrics"]) == set(single["metrics"]) and set(ddp["val_metrics"] or {}) == set(
         single["val_metrics"] or {}
     )
-    for key in ("method", "backbone", "fold", "label_fraction", "n_labeled", "n_test", "classes", "steps"):
+    for key in ("method", "backbone", "fold", "label_budget", "n_labeled", "n_test", "classes", "steps"):
         assert ddp[key] == single[key], key
     assert [c["class"] for c in ddp["per_class"]] == [c["class"] for c in single["per_class"]]
     # Every test image counted once: neither split between the ranks nor counted by both.
