@@ -312,8 +312,7 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _analysis_command(step: str):
-    """``embed``, ``analyze``, ``export-pseudo-labels``, ``review`` or ``label-issues``: Hydra overrides on
-    configs/analyze.yaml."""
+    """``embed``, ``analyze``, ``export-pseudo-labels`` or ``review``: Hydra overrides on configs/analyze.yaml."""
 
     def run(argv: list[str]) -> int:
         from ssl_kvasir.config import CHECKPOINT_RULES, check_inputs, compose, validate
@@ -341,16 +340,26 @@ def _analysis_command(step: str):
             from ssl_kvasir.run.review import review
 
             print(f"review page -> {review(cfg)}")
-        elif step == "label-issues":
-            from ssl_kvasir.run.label_issues import label_issues
-
-            path, flagged, checked = label_issues(cfg)
-            print(f"{flagged} of {checked} labeled training images flagged -> {path}")
         else:
             print(f"pseudo-labels -> {analyze.export_pseudo_labels(cfg)}")
         return 0
 
     return run
+
+
+def _label_issues(argv: list[str]) -> int:
+    from ssl_kvasir.config import check_inputs, compose, validate
+
+    example = "data.root=DIR data.split_file=FILE data.fold=0 output_dir=DIR label_issues.folds=5 (trains k networks: method, backbone, trainer as for fit)"
+    cfg = compose("label_issues", _hydra_overrides(argv, "ssl-kvasir label-issues", "label_issues", example))
+    validate(cfg)
+    check_inputs(cfg, ("output_dir", "data.root"))
+    from ssl_kvasir.run.label_issues import label_issues
+
+    setup_logging()
+    path, flagged, checked = label_issues(cfg)
+    print(f"{flagged} of {checked} labeled training images flagged -> {path}")
+    return 0
 
 
 def _print_metrics(results: dict, record: Path) -> None:
@@ -489,8 +498,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         "a static HTML page to review pseudo-labels and download the reviewed CSV",
     ),
     "label-issues": (
-        _analysis_command("label-issues"),
-        "suspect labels of the labeled training fold (cleanlab, out-of-fold)",
+        _label_issues,
+        "suspect labels of the labeled training fold (cleanlab on k-fold out-of-fold probabilities)",
     ),
     "check": (_check, "validate a downloaded archive and its split file"),
     "synth": (_synth, "write a synthetic archive in the HyperKvasir layout"),

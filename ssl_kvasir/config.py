@@ -361,6 +361,7 @@ RULES: dict[str, Rule] = {
     "review.thumb_size": Number(16, integer=True),
     "review.page_size": COUNT,
     "review.label_issues": Text(nullable=True),
+    "label_issues.model": Choice(("finetune", "probe")),
     "label_issues.folds": Number(2, integer=True),
     "label_issues.regularization": Number(0, low_open=True),
 }

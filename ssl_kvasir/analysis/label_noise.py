@@ -1,13 +1,15 @@
-"""Suspect labels in the labeled set: out-of-fold probabilities and cleanlab's confident learning.
+"""Suspect labels in the labeled set: stratified parts, out-of-fold probabilities and cleanlab's confident learning.
 
 Confident learning (Northcutt et al. 2021, "Confident Learning: Estimating Uncertainty in Dataset Labels")
 needs, for every labeled image, class probabilities from a model that did not train on that image: "we
-obtain out-of-sample predicted probabilities via cross-validation". Here the model is a multinomial logistic
-regression on the checkpoint's frozen embeddings, trained k times, once per fold of a stratified k-fold split
-of the labeled images given; cleanlab's ``find_label_issues`` then ranks the images whose given label the
-out-of-fold probabilities contradict. A linear head on fixed features, rather than k trainings of the whole
-network, keeps k-fold training to seconds; the price is that the features themselves come from a network
-that may have seen these labels (with a small label budget it saw few of them).
+obtain out-of-sample predicted probabilities via cross-validation". :func:`stratified_parts` cuts the labeled
+images into the k parts of that cross-validation; :func:`rank_label_issues` hands the out-of-fold
+probabilities to cleanlab's ``find_label_issues``, which ranks the images whose given label they contradict.
+
+Who computes the probabilities is the run layer's choice (:mod:`ssl_kvasir.run.label_issues`): k fits of the
+whole network, or :func:`out_of_fold_probs`, k multinomial logistic regressions on frozen features. The
+features must come from a network that never saw these labels: a network fine-tuned on them has fitted the
+wrong ones too, and heads on its features would call them right.
 """
 
 from __future__ import annotations
@@ -21,53 +23,77 @@ from ssl_kvasir.analysis._optional import import_optional
 from ssl_kvasir.errors import ConfigError, DataError
 
 
+def stratified_parts(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """The part (``0..folds-1``) of each image in a seeded stratified k-fold split: every class spread over
+    the parts as evenly as it can be (a class with fewer than k images lands in fewer parts).
+
+    Args:
+        labels: ``(N,)`` given class indices.
+        folds: k.
+        seed: seed of the assignment.
+
+    Returns:
+        ``(N,)`` int64 part indices.
+
+    Raises:
+        ConfigError: for fewer than 2 folds, or more folds than images.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if folds < 2:
+        raise ConfigError(f"label issues need at least 2 folds, got {folds}")
+    if folds > len(labels):
+        raise ConfigError(f"label_issues.folds={folds}, but there are only {len(labels)} labeled images")
+    parts = np.empty(len(labels), dtype=np.int64)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only m members": such a class is simply in fewer parts.
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        for part, (_, held_out) in enumerate(split.split(np.zeros((len(labels), 1)), labels)):
+            parts[held_out] = part
+    return parts
+
+
 def out_of_fold_probs(
     features: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
     *,
-    folds: int = 5,
-    seed: int = 0,
+    parts: np.ndarray,
     regularization: float = 1.0,
 ) -> np.ndarray:
-    """Class probabilities of every image from a logistic regression trained on the other folds.
+    """Class probabilities of every image from a logistic regression trained on the other parts.
 
     Args:
         features: ``(N, D)`` embeddings (L2-normalised here, as the kNN uses them).
         labels: ``(N,)`` given class indices in ``0..num_classes - 1``.
         num_classes: C.
-        folds: k of the stratified k-fold split (a class with fewer than k images lands in fewer folds).
-        seed: seed of the fold assignment.
+        parts: ``(N,)`` the part of each image (:func:`stratified_parts`).
         regularization: inverse L2 strength ``C`` of scikit-learn's ``LogisticRegression``.
 
     Returns:
-        ``(N, C)`` float64 probabilities; the columns of classes a fold's training part lacks are 0.
+        ``(N, C)`` float64 probabilities; the columns of classes a part's training images lack are 0.
 
     Raises:
-        ConfigError: for fewer than 2 folds.
         DataError: for mismatched lengths or labels outside ``0..C-1``.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
 
     from ssl_kvasir.analysis.knn import l2_normalize
 
     labels = np.asarray(labels, dtype=np.int64)
-    if folds < 2:
-        raise ConfigError(f"label issues need at least 2 folds, got {folds}")
-    if len(features) != len(labels) or labels.ndim != 1:
-        raise DataError(f"{len(features)} feature rows for {len(labels)} labels")
+    if len(features) != len(labels) or labels.ndim != 1 or len(parts) != len(labels):
+        raise DataError(f"{len(features)} feature rows and {len(parts)} parts for {len(labels)} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in 0..{num_classes - 1}")
     x = l2_normalize(features)  # (N, D)
     probs = np.zeros((len(labels), num_classes))  # (N, C)
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
-        # "The least populated class in y has only m members": such a class is simply in fewer folds.
-        warnings.filterwarnings("ignore", message=".*least populated class.*")
         # A tiny labeled set has more classes than half its images; the regression is a classifier all the same.
         warnings.filterwarnings("ignore", message=".*number of unique classes is greater than 50%.*")
-        for train, held_out in split.split(x, labels):
+        for part in np.unique(parts):
+            held_out, train = parts == part, parts != part
             head = LogisticRegression(C=regularization, max_iter=1000)
             head.fit(x[train], labels[train])
             probs[np.ix_(held_out, head.classes_)] = head.predict_proba(x[held_out])  # (n_out, C_seen)
@@ -79,7 +105,7 @@ def rank_label_issues(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
 
     Args:
         labels: ``(N,)`` given class indices.
-        probs: ``(N, C)`` out-of-fold probabilities (:func:`out_of_fold_probs`).
+        probs: ``(N, C)`` out-of-fold probabilities (k fits, or :func:`out_of_fold_probs`).
 
     Returns:
         one row per flagged image, most likely mislabeled first (cleanlab's ranking by self-confidence, the

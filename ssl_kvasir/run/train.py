@@ -112,13 +112,18 @@ class StageRunner:
         write_results(self.folder.results, {**results, "fingerprint": guard.fingerprint(self.cfg)})
 
 
-def fit(cfg: DictConfig) -> dict:
+def fit(cfg: DictConfig, exp: Experiment | None = None) -> dict:
     """Run ``cfg.method``'s procedure: train, select on the validation part, test on the evaluation fold,
     write the results record.
 
     A run whose results record exists is not redone; a run with a ``last.ckpt`` resumes from it. A folder that
     holds another run is refused, and so is one that another fit is writing
     (:func:`ssl_kvasir.run.guard.run_folder`).
+
+    Args:
+        cfg: the composed run config.
+        exp: the run's data, when the caller cut them itself (``label-issues`` fits inside the training fold);
+            by default, :func:`~ssl_kvasir.run.experiment.load_experiment` of ``cfg.data``.
     """
     require(cfg, "output_dir", "data.root")
     folder = RunFolder(Path(cfg.output_dir))
@@ -129,7 +134,7 @@ def fit(cfg: DictConfig) -> dict:
             log.warning("%s exists: the run is done (delete it to run again)", folder.results)
             return results
         method_cls = method_class(cfg.method.name)
-        exp = load_experiment(cfg.data)
+        exp = load_experiment(cfg.data) if exp is None else exp
         guard.check_experiment(exp, cfg)
         guard.begin(folder, identity)
         return method_cls.procedure(StageRunner(cfg, exp, method_cls, folder.root))

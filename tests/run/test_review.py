@@ -181,8 +181,9 @@ def test_review_page_in_a_browser_feeds_self_training(checkpoint, synth_archive,
 def test_review_page_holds_the_selection_in_review_order(checkpoint, synth_archive, tmp_path):
     out = tmp_path / "analysis"
     issues = tmp_path / "label_issues.csv"
-    args = _review_args(checkpoint, synth_archive, out, f"output={issues}", "label_issues.folds=2")
-    assert main(["label-issues", *args]) == 0
+    # k fits of the tiny network inside the training fold (label-issues takes no checkpoint: fit's keys).
+    args = [f"output_dir={out / 'label_issues'}", *_data(synth_archive), *TINY, f"output={issues}"]
+    assert main(["label-issues", *args, "label_issues.folds=2"]) == 0
     flagged = pd.read_csv(issues)
     extra = [
         "review.limit=10",
