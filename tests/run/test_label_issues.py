@@ -187,3 +187,41 @@ def test_a_second_run_reuses_the_finished_folds(issues_run):
         s for p, s in zip(checkpoints, stamps, strict=True) if p in untouched
     ]
     assert (out / "label_issues.csv").read_text() == first
+
+
+# label_issues.model=probe on a backbone that never saw these labels (a seeded random test_resnet stands in for
+# ImageNet weights): what it must achieve, written before it was measured ("most of them must be found").
+PROBE_MIN_RECALL = 0.5
+
+
+def test_probe_heads_on_frozen_backbone_weights_find_flipped_labels(flipped_archive, tmp_path):
+    import timm
+    import torch
+
+    data, truth = flipped_archive
+    weights = tmp_path / "backbone.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    out = tmp_path / "probe"
+    args = [f"output_dir={out}", *data, *tiny(), "label_issues.model=probe", f"backbone.weights={weights}"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        decoded = _decoded(monkeypatch)
+        printed, _ = _label_issues(args)
+    fold_of = _fold_of(data)
+    assert decoded and all(fold_of[name] == 1 for name in decoded)  # the training fold's labeled images only
+    assert not list(out.glob("fold_*"))  # nothing trained
+    issues = pd.read_csv(out / "label_issues.csv")
+    assert f"{len(issues)} of " in printed
+    in_training = {name for name in truth if fold_of[name] == 1}
+    recall = len(in_training & set(issues.filename)) / len(in_training)
+    precision = len(in_training & set(issues.filename)) / max(len(issues), 1)
+    print(f"label-issues probe: recall {recall:.2f} of {len(in_training)}, precision {precision:.2f}")
+    assert recall >= PROBE_MIN_RECALL, f"probe recall {recall:.2f}"
+
+
+def test_probe_without_backbone_weights_is_refused(flipped_archive, tmp_path, capsys):
+    data, _ = flipped_archive
+    args = [f"output_dir={tmp_path}", *data, *tiny(), "label_issues.model=probe"]
+    assert main(["label-issues", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "never saw these labels: backbone.weights=FILE" in err
