@@ -140,7 +140,9 @@ def test_flipped_labels_are_found(flipped_archive, issues_run):
     found = issues.set_index("filename")
     recall = sum(name in found.index for name in in_training) / len(in_training)
     precision = sum(name in in_training for name in found.index) / len(found)
-    print(f"label-issues k={K}: recall {recall:.2f} of {len(in_training)}, precision {precision:.2f}")
+    print(
+        f"label-issues k={K}: recall {recall:.2f} of {len(in_training)}, precision {precision:.2f} of {len(found)}"
+    )
     assert recall >= MIN_RECALL, f"recall {recall:.2f} of {len(in_training)} flipped training labels"
     assert precision >= MIN_PRECISION, f"precision {precision:.2f}: {len(found)} flagged"
     hits = [
@@ -215,7 +217,9 @@ def test_probe_heads_on_frozen_backbone_weights_find_flipped_labels(flipped_arch
     in_training = {name for name in truth if fold_of[name] == 1}
     recall = len(in_training & set(issues.filename)) / len(in_training)
     precision = len(in_training & set(issues.filename)) / max(len(issues), 1)
-    print(f"label-issues probe: recall {recall:.2f} of {len(in_training)}, precision {precision:.2f}")
+    print(
+        f"label-issues probe: recall {recall:.2f} of {len(in_training)}, precision {precision:.2f} of {len(issues)}"
+    )
     assert recall >= PROBE_MIN_RECALL, f"probe recall {recall:.2f}"
 
 
