@@ -1,5 +1,6 @@
 """``ssl-kvasir label-issues`` through the real CLI: k fits inside the training fold find labels flipped on purpose
-in a synthetic archive, never read an image of the evaluation fold, and a second run reuses the finished fits."""
+in a synthetic archive, never read an image of the evaluation fold; a second run reuses the finished fits, and a
+killed run resumes the interrupted one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import contextlib
 import io
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +234,38 @@ def test_probe_without_backbone_weights_is_refused(flipped_archive, tmp_path, ca
     assert main(["label-issues", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "never saw these labels: backbone.weights=FILE" in err
+
+
+def test_a_killed_run_resumes_the_interrupted_fold(issues_run, tmp_path):
+    """SIGTERM during the second fold's fit; the same command then reuses fold 1, resumes fold 2 from its
+    last.ckpt, trains the others, and ranks exactly what an uninterrupted run ranks."""
+    from helpers import ENV
+
+    args, straight, _, _, _ = issues_run
+    out = tmp_path / "killed"
+    killed = [f"output_dir={out}", *args[1:]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_kvasir.cli", "label-issues", *killed],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    progress = out / f"fold_2_of_{K}" / "progress.json"
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and json.loads(progress.read_text())["step"] >= FIT_STEPS // 2 + 5):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert (out / f"fold_1_of_{K}" / "results.json").exists()
+    assert not (out / f"fold_2_of_{K}" / "results.json").exists()
+    assert not (out / f"fold_3_of_{K}").exists() and not (out / "label_issues.csv").exists()
+
+    _, lines = _label_issues(killed)
+    folds = [line for line in lines if line.startswith("fold ")]
+    assert [line.split(": ")[1].split(" ")[0] for line in folds] == ["reused", "resumed"] + ["trained"] * (
+        K - 2
+    )
+    assert (out / "label_issues.csv").read_text() == (straight / "label_issues.csv").read_text()
