@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import statistics
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import gain_line, mean_se
 from torch import nn
 
 from ssl_kvasir.methods import METHODS
@@ -326,27 +325,21 @@ def train_system(
     return Outcome(metrics_from_confusion(cm)["macro_f1"], float(recall[split.rare_half].mean()), tv)
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for one value)."""
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return statistics.fmean(values), se
-
-
 def cell(values: list[float], signed: bool = False) -> str:
     mean, se = mean_se(values)
-    return f"{mean:{'+' if signed else ''}.3f} ± {se:.3f}"
+    return f"{mean:{'+' if signed else ''}.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def closing(method: str, gains: list[float]) -> str:
     """The closing line of one method: its paired gain over the baseline and the verdict on the target."""
-    gain, se = mean_se(gains)
-    met = gain >= TARGET_GAIN and gain >= TARGET_SE * se
-    line = (
-        f"imbalance: {method} macro-F1 gain over fixmatch+la, reversed mix, {len(gains)} seeds = {gain:+.3f} ± "
-        f"{se:.3f} (target >= +{TARGET_GAIN:g} and >= {TARGET_SE:g} se: {'met' if met else 'NOT met'})"
+    return gain_line(
+        "imbalance",
+        f"{method} macro-F1 gain over fixmatch+la, reversed mix, {len(gains)} seeds",
+        gains,
+        ">=",
+        TARGET_GAIN,
+        min_se=TARGET_SE,
     )
-    print(line, flush=True)
-    return line
 
 
 def main() -> None:

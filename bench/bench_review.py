@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bench_imbalance import IMAGE_SIZE, PROTOCOL, TinyCNN, method_config, strong_view, weak_view
-from harness import OPS
+from harness import gain_line
 from torch import nn
 
 from ssl_kvasir.methods import METHODS
@@ -280,14 +280,13 @@ def main() -> None:
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         print(f"| {name} | {statistics.mean(values):.3f}{spread} |")
     print(f"\n{len(rows)} seed(s); {time.perf_counter() - start:.0f} s in all.")
-    gains = [r["priority"] - r["random"] for r in rows]
-    gain = statistics.mean(gains)
-    se = f"{statistics.stdev(gains) / len(gains) ** 0.5:.3f}" if len(gains) > 1 else "n/a (one seed)"
-    verdict = "met" if OPS[">"](gain, TARGET) else "NOT met"
-    print(
-        f"review: macro-F1 gain of {a.k} images reviewed by priority over {a.k} random, {len(rows)} "
-        f"seed{'s' if len(rows) > 1 else ''} = {gain:+.3f} ± {se} (target > {TARGET:g}: {verdict})",
-        flush=True,
+    gain_line(
+        "review",
+        f"macro-F1 gain of {a.k} images reviewed by priority over {a.k} random, {len(rows)} "
+        f"seed{'s' if len(rows) > 1 else ''}",
+        [r["priority"] - r["random"] for r in rows],
+        ">",
+        TARGET,
     )
 
 

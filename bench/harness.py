@@ -1,12 +1,14 @@
 """The one benchmark harness: timing, synthetic FixMatch batches, the ``--quick`` parser and the closing line.
 
 Every script in ``bench/`` measures a baseline and our code side by side on this (shared) machine and ends
-with exactly one line of the form::
+with one line of the form::
 
     <benchmark>: <what> = <value> (target <op> <target>: met)
 
-or ``... : NOT met)``, so that a reader, and ``make bench``, which collects the last line of every script,
-sees at once whether each target holds. A target that cannot be measured here (no GPU) says so in the same
+or ``... : NOT met)``, so that a reader, and ``make bench``, which collects these lines from every script,
+sees at once whether each target holds. A benchmark that decides a comparison over seeds prints one such line
+per system compared, with the paired gain's standard error (:func:`gain_line`):
+``<benchmark>: <what> = +0.019 ± 0.016 (target >= +0.02 and >= 2 se: NOT met)``. A target that cannot be measured here (no GPU) says so in the same
 place: ``(target >= 1.3: not measured, no CUDA device)``.
 
 Timing on a shared machine: the best of a few runs (:func:`best_of`) is the run that was least disturbed;
@@ -218,5 +220,36 @@ def closing_line(
         verdict = "met" if math.isfinite(value) and OPS[op](value, target) else "NOT met"
         sign = "+" if signed else ""
         line = f"{benchmark}: {what} = {value:{sign}.{digits}f} (target {op} {target:{sign}g}: {verdict})"
+    print(line, flush=True)
+    return line
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None for one value: no spread to estimate)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), se
+
+
+def gain_line(
+    benchmark: str, what: str, gains: Sequence[float], op: str, target: float, min_se: float | None = None
+) -> str:
+    """Print and return the closing line of a paired comparison over seeds.
+
+    ``<benchmark>: <what> = <mean> ± <se> (target <op> <target>[ and >= <min_se> se]: met|NOT met)``: the mean
+    of the per-seed ``gains`` must satisfy ``op target`` and, with ``min_se``, also be at least ``min_se``
+    standard errors above zero (one seed has no standard error, so such a target cannot be met by one seed).
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    mean, se = mean_se(gains)
+    met = math.isfinite(mean) and OPS[op](mean, target)
+    wanted = f"{target:+g}" if target else "0"
+    if min_se is not None:
+        met = met and se is not None and mean >= min_se * se
+        wanted += f" and >= {min_se:g} se"
+    spread = f"{se:.3f}" if se is not None else "n/a"
+    line = (
+        f"{benchmark}: {what} = {mean:+.3f} ± {spread} (target {op} {wanted}: {'met' if met else 'NOT met'})"
+    )
     print(line, flush=True)
     return line

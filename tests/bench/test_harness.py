@@ -14,6 +14,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 # What `make bench` and a reader look for: `<benchmark>: <what> = <value> (target <op> <target>: met)`.
+MAKE_LINE = re.compile(r"^[a-z_]+: .+ = .+ \(target .+\)$")
+"""What `make bench` collects as closing lines (the Makefile's grep)."""
 LINE = re.compile(
     r"^[a-z_]+: .+ = (n/a|-?\d+(\.\d+)?) \(target (>=|>|<=|<) [\d.e+-]+: (met|NOT met|not measured, .+)\)$"
 )
@@ -57,6 +59,27 @@ def test_closing_line_format(capsys: pytest.CaptureFixture) -> None:
         h.closing_line("x", "y", None, ">=", 1)
 
 
+def test_gain_line_format() -> None:
+    """A paired comparison's closing line: mean ± standard error, the target, and the verdict; a target in
+    standard errors is never met by one seed."""
+    h = _harness()
+    five = [0.01, 0.03, 0.02, 0.0, 0.035]  # mean 0.019, se 0.00648
+    assert (
+        h.gain_line("imbalance", "acr gain, 5 seeds", five, ">=", 0.02, min_se=2)
+        == "imbalance: acr gain, 5 seeds = +0.019 ± 0.006 (target >= +0.02 and >= 2 se: NOT met)"
+    )
+    assert h.gain_line("imbalance", "g", [x + 0.01 for x in five], ">=", 0.02, min_se=2).endswith(": met)")
+    assert h.gain_line("imbalance", "g", [0.05], ">=", 0.02, min_se=2).endswith(
+        "± n/a (target >= +0.02 and >= 2 se: NOT met)"
+    )
+    assert (
+        h.gain_line("review", "g", [0.01, -0.02, 0.007], ">", 0)
+        == "review: g = -0.001 ± 0.010 (target > 0: NOT met)"
+    )
+    for args in [("a", "b", five, ">=", 0.02), ("review", "g", [0.01, -0.02, 0.007], ">", 0)]:
+        assert MAKE_LINE.match(h.gain_line(*args))
+
+
 def test_paired_summary_equals_a_naive_median_of_ratios() -> None:
     h = _harness()
     a, b = [3.0, 1.0, 8.0, 2.0], [1.0, 1.0, 2.0, 4.0]
@@ -93,11 +116,13 @@ def test_fixmatch_batches_have_the_datamodule_keys_and_shapes() -> None:
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py")))
 def test_every_benchmark_ends_with_a_closing_line(script: str) -> None:
-    """Statically: the script calls the harness's closing_line (running them all is `make bench`'s job)."""
+    """Statically: the script calls the harness's closing_line or gain_line (running them all is `make bench`'s job)."""
     tree = ast.parse((BENCH / script).read_text())
     called = {
         node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
     }
-    assert "closing_line" in called, f"{script} does not print its closing line through bench/harness.py"
+    assert called & {"closing_line", "gain_line"}, (
+        f"{script} does not print its closing line through bench/harness.py"
+    )
