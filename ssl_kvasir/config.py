@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -83,10 +83,11 @@ def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of ``cfg``, leaves and sections."""
     keys = []
     for k in cfg:
-        keys.append(f"{prefix}{k}")
+        name = str(k)  # a key read from YAML: a string, or a number written as a key
+        keys.append(f"{prefix}{name}")
         node = cfg._get_node(k)
         if isinstance(node, DictConfig):
-            keys += _keys(node, f"{prefix}{k}.")
+            keys += _keys(node, f"{prefix}{name}.")
     return keys
 
 
@@ -130,6 +131,7 @@ class Number:
             return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        assert self.high is not None  # called only for a rule with a bound
         return f"{'<' if self.high_open else '<='} {_num(self.high)}"
 
 
@@ -379,7 +381,10 @@ export-pseudo-labels) take from it when left null (``ssl_kvasir.run.checkpoint.a
 
 
 def _or_null(rule: Rule) -> Rule:
-    return Choice((None, *rule.values)) if isinstance(rule, Choice) else replace(rule, nullable=True)
+    if isinstance(rule, Choice):
+        return Choice((None, *rule.values))
+    assert isinstance(rule, (Number, Flag, Text)), f"{rule} has no null"  # the CHECKPOINT_SETTINGS rules
+    return replace(rule, nullable=True)
 
 
 # The configs of the commands that apply a checkpoint: null means "the checkpoint's".
@@ -398,11 +403,14 @@ def method_defaults(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: method {name!r} has no config")
     own = OmegaConf.load(path)
+    if not isinstance(own, DictConfig):
+        raise ConfigError(f"{path}: a method config is a mapping of settings, not a list")
     entries = list(own.pop("defaults", []))
-    merged = OmegaConf.create()
+    merged: DictConfig | ListConfig = OmegaConf.create()
     for entry in entries if "_self_" in entries else [*entries, "_self_"]:
         merged = OmegaConf.merge(merged, own if entry == "_self_" else method_defaults(str(entry)))
-    return OmegaConf.to_container(merged, resolve=True)
+    # Merging mappings gives a mapping, whose keys are the YAML's strings.
+    return cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
 
 
 def method_names() -> list[str]:

@@ -211,8 +211,9 @@ def analysis_projections(
         x = pca_reduce(x, pca_dims, seed)  # (N, pca_dims)
     seconds["pca"], clock = time.perf_counter() - clock, time.perf_counter()
     if backend == "cuml" or (backend == "auto" and not exact and _cuml_available()):
-        epochs = (plot_epochs, cluster_epochs)
-        out = _cuml_projections(x, cluster_dims, n_neighbors, min_dist, metric, seed, epochs)
+        out = _cuml_projections(
+            x, cluster_dims, n_neighbors, min_dist, metric, seed, (plot_epochs, cluster_epochs)
+        )
         return Projections(
             out.plot, out.cluster, out.backend, {**seconds, "umap": time.perf_counter() - clock}
         )

@@ -138,7 +138,7 @@ class _RowFile:
         block = np.ascontiguousarray(block, dtype=self.dtype)  # (B, columns)
         starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # first index of each run of consecutive rows
         for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
-            data = memoryview(block[a:b]).cast("B")
+            data = block[a:b].data.cast("B")  # the rows' bytes, without a copy
             position = self.offset + int(rows[a]) * self.row_bytes
             try:
                 while data:
@@ -260,14 +260,14 @@ class EmbeddingWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         progress = self.out_dir / PROGRESS_FILE
         if progress.exists():
-            self._done = self._resume(progress)
+            self._done: set[int] = self._resume(progress)
         else:
             if (self.out_dir / MANIFEST_FILE).exists():
                 raise DataError(
                     f"{self.out_dir} holds finished embeddings ({MANIFEST_FILE}) but no {PROGRESS_FILE}; "
                     "write to another folder (nothing is deleted implicitly)"
                 )
-            self._done: set[int] = set()
+            self._done = set()
             # A run killed before its first progress file left nothing worth keeping: the arrays are recreated.
             self._features = _RowFile.create(
                 self.out_dir / FEATURES_FILE, dtype_name, (self.n_rows, self.dim)

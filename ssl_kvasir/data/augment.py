@@ -22,7 +22,7 @@ values (Equalize, Posterize) round first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -448,7 +448,7 @@ class ViewMaker:
                 batch[view] = apply_view(images, view, params, self.mean, self.std)
         return batch
 
-    def __call__(self, batch: Mapping) -> Mapping:
+    def __call__(self, batch: dict) -> dict:
         """A stream batch, or a dict of stream batches (the training loaders' combined batch); anything
         without decoded images (views made already) passes unchanged."""
         if "image" in batch and "views" in batch:

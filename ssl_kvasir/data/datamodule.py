@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import numpy as np
@@ -26,6 +27,9 @@ from ssl_kvasir.data.augment import STRONG_POLICIES, ViewMaker
 from ssl_kvasir.data.splits import ExperimentSplit, unlabeled_pool
 from ssl_kvasir.data.transforms import timm_strong_image
 from ssl_kvasir.names import SAMPLERS
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
 class ImageDataset(Dataset):
@@ -217,10 +221,10 @@ class ClassBalancedSampler(EpochSampler):
         skip_fn: Callable[[], int] | None = None,
     ):
         super().__init__(len(labels), num_samples, seed, epoch_fn, skip_fn)
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        counts = torch.bincount(labels)  # (C,)
+        classes = torch.as_tensor(np.asarray(labels), dtype=torch.long)  # (n,)
+        counts = torch.bincount(classes)  # (C,)
         # Each item weighs 1 / (its class's size): every present class then carries the same total weight.
-        self.weights = 1.0 / counts[labels].double()  # (n,)
+        self.weights = 1.0 / counts[classes].double()  # (n,)
 
     def order(self, total: int, g: torch.Generator) -> torch.Tensor:
         return torch.multinomial(self.weights, total, replacement=True, generator=g)
@@ -371,7 +375,9 @@ class KvasirDataModule(L.LightningDataModule):
         """
         if self.trainer is None:
             return 0
-        return self.trainer.fit_loop.epoch_progress.current.processed
+        # The fit loop's progress holds a _ProcessedTracker; Lightning declares the field as its base class.
+        current = cast("_ProcessedTracker", self.trainer.fit_loop.epoch_progress.current)
+        return current.processed
 
     def _batches_done(self) -> int:
         """Training steps of the current epoch already done when its iterator is made: non-zero only right after

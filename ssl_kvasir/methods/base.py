@@ -448,20 +448,25 @@ class BaseMethod(L.LightningModule):
         return cast(torch.Tensor, self.all_gather(x)).flatten(0, 1)
 
     # ---- prediction ----------------------------------------------------------------------------------
-    def classify(
-        self, modules: Mapping[str, nn.Module], x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(self, modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, D) and logits (B, C) of images ``x`` by ``modules`` (live or averaged copies, keyed as
         :meth:`trainable_modules`). Override to predict through another head."""
         return cast(Network, modules["model"]).features_and_logits(x)
 
     @property
-    def eval_modules(self) -> Mapping[str, nn.Module]:
+    def ema_modules(self) -> nn.ModuleDict:
+        """The averaged copies of the trainable modules, keyed as :meth:`trainable_modules`, of a method made with
+        ``ema_decay`` > 0 once :meth:`configure_model` has run."""
+        assert self.ema is not None, "no EMA: ema_decay is 0 or configure_model has not run"
+        return cast(nn.ModuleDict, self.ema.module)  # the average of _live_modules(), a ModuleDict
+
+    @property
+    def eval_modules(self) -> nn.ModuleDict:
         """The modules validation, test and prediction use: the EMA copies or the live ones (``eval_weights``)."""
         if self.hparams.eval_weights == "ema":
             if self.ema is None:
                 self.configure_model()
-            return self.ema.module
+            return self.ema_modules
         return self._live_modules()
 
     def predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

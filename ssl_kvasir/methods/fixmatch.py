@@ -5,13 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ssl_kvasir.losses import masked_cross_entropy
 from ssl_kvasir.methods.base import StreamOutputs
 from ssl_kvasir.methods.semi_supervised import SemiSupervised
 from ssl_kvasir.names import TEACHERS
-from ssl_kvasir.pseudo_labels.masking import Knobs, Masking, build_alignment, build_masking
+from ssl_kvasir.pseudo_labels.masking import (
+    DistributionAlignment,
+    Knobs,
+    Masking,
+    build_alignment,
+    build_masking,
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class FixMatch(SemiSupervised):
     def __init__(
         self,
         masking: Masking,
-        alignment: nn.Module | None,
+        alignment: DistributionAlignment | None,
         lambda_u: float,
         teacher: str,
         **base,
@@ -78,7 +83,8 @@ class FixMatch(SemiSupervised):
             raise ValueError(f"unknown teacher {teacher!r}; valid: {', '.join(TEACHERS)}")
         if teacher == "ema" and not self.hparams.ema_decay:
             raise ValueError("teacher=ema needs an EMA (ema_decay > 0)")
-        self.masking, self.alignment = masking, alignment
+        self.masking: Masking = masking
+        self.alignment: DistributionAlignment | None = alignment
 
     def step_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         ulb = batch["ulb"]
@@ -89,7 +95,7 @@ class FixMatch(SemiSupervised):
         else:
             out = self.forward_streams(batch, ("x_lb", "x_ulb_s"))
             with torch.no_grad():
-                logits_w = self.classify(self.ema.module, ulb["weak"])[1]  # (mu B, C)
+                logits_w = self.classify(self.ema_modules, ulb["weak"])[1]  # (mu B, C)
         pseudo = self.pseudo_targets(logits_w, ulb["pos"])
         loss_x = self.labeled_loss(out.logits["x_lb"], batch["lb"]["label"])
         unlabeled = self.unlabeled_losses(out, pseudo)

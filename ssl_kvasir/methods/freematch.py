@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ssl_kvasir.losses import fairness_loss
@@ -42,7 +44,6 @@ class FreeMatch(FixMatch):
 
     def unlabeled_losses(self, out: StreamOutputs, pseudo: PseudoTargets) -> dict[str, torch.Tensor]:
         """FixMatch's ``loss_u`` and ``loss_fair``, ``lambda_f`` times the fairness loss on the strong views."""
-        fair = fairness_loss(
-            out.logits["x_ulb_s"], pseudo.mask, self.masking.class_probs, self.masking.label_hist
-        )
+        masking = cast(SelfAdaptiveThreshold, self.masking)  # as __init__ checked
+        fair = fairness_loss(out.logits["x_ulb_s"], pseudo.mask, masking.class_probs, masking.label_hist)
         return {**super().unlabeled_losses(out, pseudo), "loss_fair": self.hparams.lambda_f * fair}

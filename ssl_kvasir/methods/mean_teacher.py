@@ -51,7 +51,7 @@ class MeanTeacher(SemiSupervised):
         hp = self.hparams
         out = self.forward_streams(batch, ("x_lb", "x_ulb_s"))
         with torch.no_grad():
-            teacher = self.classify(self.ema.module, batch["ulb"]["weak"])[1].float().softmax(1)  # (mu B, C)
+            teacher = self.classify(self.ema_modules, batch["ulb"]["weak"])[1].float().softmax(1)  # (mu B, C)
         loss_x = self.labeled_loss(out.logits["x_lb"], batch["lb"]["label"])
         ramp = sigmoid_rampup(self.global_step, hp.max_steps, hp.unsup_warmup)
         loss_u = hp.lambda_u * ramp * probability_mse(out.logits["x_ulb_s"], teacher)

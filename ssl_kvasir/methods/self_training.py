@@ -154,7 +154,7 @@ def reviewed_labels(runner: Runner, path: Path) -> tuple[np.ndarray, np.ndarray]
     by_name: dict[str, list[int]] = {}
     for i, p in enumerate(runner.pool_paths):
         by_name.setdefault(Path(p).name, []).append(i)
-    positions = []
+    positions: list[int] = []
     for entry in table.path:
         if entry in by_path:
             positions.append(by_path[entry])
@@ -164,6 +164,5 @@ def reviewed_labels(runner: Runner, path: Path) -> tuple[np.ndarray, np.ndarray]
             what = "no image" if not matches else f"{len(matches)} images"
             raise ConfigError(f"{path}: {entry!r} matches {what} of the unlabeled pool")
         positions.append(matches[0])
-    positions = np.asarray(positions, dtype=np.int64)
     targets = np.eye(runner.num_classes, dtype=np.float32)[table.paper_index.to_numpy()]
-    return positions, targets
+    return np.asarray(positions, dtype=np.int64), targets

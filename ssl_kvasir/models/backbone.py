@@ -17,6 +17,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def _timm_backbone(name: str, pretrained: bool, drop_path_rate: float) -> nn.Mod
             + (f", e.g. {', '.join(close)}" if close else "")
             + " (timm.list_models() lists them all)"
         )
-    kwargs = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0}  # passed on to the model's constructor
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     try:
@@ -57,7 +58,8 @@ def _timm_backbone(name: str, pretrained: bool, drop_path_rate: float) -> nn.Mod
 def feature_dim(backbone: nn.Module) -> int:
     """Width of a headless timm model's pooled output: ``head_hidden_size`` where the model has a pre-logits
     layer after pooling (MobileNetV3, ...), else ``num_features``."""
-    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    # nn.Module types an attribute it does not declare as Tensor | Module; timm's are ints.
+    return cast(int, getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 class MultiBackbone(nn.Module):
@@ -192,7 +194,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            obj = load_file(str(path))
+            obj: object = load_file(str(path))  # what the file holds: checked below
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -216,7 +216,7 @@ def write_authors_predictions(
 
 
 def build_pseudo_label_table(
-    paths: Sequence[str],
+    paths: Sequence[str] | np.ndarray,
     probs: np.ndarray,
     classes: ClassTable = HYPERKVASIR_CLASSES,
     knn_probs: np.ndarray | None = None,
@@ -228,7 +228,7 @@ def build_pseudo_label_table(
     """One row per image with the model's pseudo-label and how far to trust it.
 
     Args:
-        paths: N image paths (relative to the archive root) or bare file names.
+        paths: N image paths (relative to the archive root) or bare file names (a list or an array of them).
         probs: ``(N, C)`` class probabilities (a memmap is read in chunks).
         classes: the class table.
         knn_probs: ``(N, C)`` kNN vote probabilities, for ``knn_class`` and ``knn_agrees``.

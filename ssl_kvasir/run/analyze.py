@@ -176,6 +176,7 @@ def embed(cfg: DictConfig, module=None, exp=None):
     dm.eval_batch_size = cfg.embed.batch_size
     predictor = Predictor.from_config(module, cfg.trainer)
     for probs, features in predictor.batches(dm, rows, features=True, what="embedding"):
+        assert features is not None  # asked for with features=True
         writer.add(features, probs)
     writer.finalize(extra={"image_size": cfg.data.image_size, "precision": str(cfg.trainer.precision)})
     return load_embeddings(store, expected_paths=list(images.path))
@@ -422,6 +423,7 @@ def analyze(cfg: DictConfig) -> Analysis:
             cfg, analysis, classes, out / "neighbours.csv"
         )
     run_clusters(cfg, analysis)
+    assert analysis.knn_probs is not None and analysis.coords is not None  # set by run_knn and run_clusters
     s = analysis.store
     predicted = np.where(s.labels >= 0, s.labels, np.asarray(s.probs).argmax(1))
     analysis.outputs["umap plot"] = plot_umap(
