@@ -197,7 +197,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj: object = load_file(str(path))  # what the file holds: checked below
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused Python object: bytes that are no tensor pickle
+            raise ConfigError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
         # Not torch's advice to load it with weights_only=False: unpickling an object can run any code.
         raise ConfigError(
             f"weights file {path} holds not only tensors but pickled Python objects, which are never loaded "
