@@ -1,12 +1,23 @@
-"""Shared fixtures: one small synthetic archive per test session."""
+"""Shared fixtures: one small synthetic archive per test session.
+
+The suite runs torch on one thread, in this process and in the commands it starts (they inherit the
+environment): convolutions sum in another order on more threads, and the figures the tests assert (recall of
+flipped labels, byte-identical files after a kill and a resume against an in-process run) were measured on one.
+Tiny models gain nothing from more threads on a CI machine's few cores.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported by anything below
+os.environ["MKL_NUM_THREADS"] = "1"
 
-from ssl_kvasir.data.synth import make_synthetic_archive
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ssl_kvasir.data.synth import make_synthetic_archive  # noqa: E402
 
 SYNTH_PER_CLASS = 6
 SYNTH_UNLABELED = 60

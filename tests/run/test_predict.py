@@ -76,7 +76,9 @@ class Source:  # the two calls of a DataModule that prediction makes, over gener
     def transfer(self, batch, device): return batch
 
 n = int(sys.argv[1])
-module = METHODS["supervised"].from_config(build_network("test_resnet", 23), class_names=[str(c) for c in range(23)])
+module = METHODS["supervised"].from_config(
+    build_network("test_resnet", 23), class_names=[str(c) for c in range(23)], max_steps=1
+)
 predictor = Predictor(module, torch.device("cpu"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 seen = 0
