@@ -173,8 +173,18 @@ def log_analysis(
         name = run.name
     finally:
         if opened:
-            run.finish()
+            close_run(run)
     return name
+
+
+def close_run(run) -> None:
+    """Finish ``run`` and wait until W&B has written it: ``finish`` only tells W&B's service that the run is
+    over, and the service writes an offline run's record (``run-<id>.wandb``) as it closes it, after ``finish``
+    has returned. For a command that opened its own run, so that the run is whole on disk when it returns."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
 
 
 def run_name_from_results(results: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,8 +140,10 @@ def test_preempted_fit_checkpoints_requeues_and_resumes_exactly(
     progress = json.loads((out / "progress.json").read_text())
     assert progress["step"] == 12 and progress["checkpoint_time"] is not None
     # 4. One W&B run, continued: two offline segments with the same id.
+    # (offline-run-<time>-<id>, with "-1" appended by W&B when both segments start within the same second)
     runs = offline_runs(out)
-    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+)(-\d+)?", run.name)[1] for run in runs]
+    assert len(runs) == 2 and ids[0] == ids[1]
     # W&B's own log of the first segment: closed with exit code 0 (not failed), then resumed by id.
     assert "got exitcode: 0" in (runs[0] / "logs" / "debug.log").read_text()
     assert "got exitcode: 0" in (runs[1] / "logs" / "debug.log").read_text()
