@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import gain_line, mean_se
+from harness import bare_trainer, gain_line, mean_se
 from torch import nn
 
 from ssl_kvasir.methods import METHODS
@@ -277,8 +277,6 @@ def train_system(
     system: str, split: Split, seed: int, steps: int, steps_per_epoch: int, batch_size: int, mu: int
 ) -> Outcome:
     """Train one system on one split and score its final EMA weights on the balanced test set."""
-    import lightning as L
-
     method, settings = SYSTEMS[system]
     cls = METHODS[method]
     torch.manual_seed(seed)
@@ -299,17 +297,7 @@ def train_system(
     if cls.unlabeled_views:  # the semi-supervised methods take the pool's size (FlexMatch, SimPro's scale)
         config["num_unlabeled"] = len(split.y_ulb)
     module = cls.from_config(network, **config)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer(steps)
     trainer.fit(module, train_dataloaders=Batches(split, steps_per_epoch, batch_size, mu, seed))
     module.eval()
     with torch.no_grad():

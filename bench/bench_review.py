@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bench_imbalance import IMAGE_SIZE, PROTOCOL, TinyCNN, method_config, strong_view, weak_view
-from harness import gain_line
+from harness import bare_trainer, gain_line
 from torch import nn
 
 from ssl_kvasir.methods import METHODS
@@ -133,8 +133,6 @@ class Batches:
 
 def train(split: Split, pseudo, seed: int, steps: int, batch: int, mu: int):
     """One round of self-training (round 0 without ``pseudo``); returns the trained module in eval mode."""
-    import lightning as L
-
     cls = METHODS["self_training"]
     torch.manual_seed(seed)
     network = Network(
@@ -150,17 +148,7 @@ def train(split: Split, pseudo, seed: int, steps: int, batch: int, mu: int):
         **PROTOCOL,
     }
     module = cls.from_config(network, **config)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer(steps)
     trainer.fit(module, train_dataloaders=Batches(split, pseudo, steps, batch, mu, seed))
     return module.eval()
 

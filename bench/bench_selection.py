@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_imbalance import NUM_CLASSES, PROTOCOL, Batches, TinyCNN, make_split, method_config
-from harness import closing_line, parser
+from harness import bare_trainer, closing_line, parser
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -62,8 +62,6 @@ class EpochPredictions(Callback):
 
 def curve(method: str, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(K, N) predictions of a run's K checkpoints on the pool, and the pool's (N,) labels."""
-    import lightning as L
-
     split = make_split("uniform", seed, n_max=4, ratio=1.0, n_max_u=70, n_test=100)
     torch.manual_seed(seed)
     network = Network(
@@ -82,18 +80,7 @@ def curve(method: str, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
         config["num_unlabeled"] = len(split.y_ulb)
     module = cls.from_config(network, **config)
     record = EpochPredictions(split.x_test)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
+    trainer = bare_trainer(steps, callbacks=[record])
     trainer.fit(module, train_dataloaders=Batches(split, 20, 16, 4, seed))
     return np.stack(record.preds), split.y_test.numpy()
 

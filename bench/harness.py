@@ -163,6 +163,25 @@ def fixmatch_batches(
     return batches
 
 
+def bare_trainer(steps: int, callbacks: Sequence[Any] = ()):
+    """A one-process CPU Trainer that only trains ``steps`` steps: no logger, checkpoint, progress bar, model
+    summary or validation (the comparisons evaluate the module themselves)."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
+
+
 class Replay:
     """Pre-built batches as a loader (Lightning takes any iterable with a length; a plain list would read as
     a list of loaders)."""
