@@ -539,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the message names the path (atomic_write, the embedding store, hold_lock add it)
         _error_line(name, e)
         return 1 if e.errno in RESOURCE_ERRNOS else 2
+    finally:
+        from ssl_kvasir.run.tracking import release_tracking  # torch-free
+
+        release_tracking()
 
 
 # Errors of the machine, not of the input: the same command may succeed once space or the device is back.

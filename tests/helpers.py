@@ -54,7 +54,8 @@ TOTAL_STEPS = 8
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def fit_command(archive: Path, out: Path, workers: int = 0) -> list[str]:
+def fit_command(archive: Path, out: Path, workers: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    """The tiny FixMatch fit as a command (``extra``: overrides replacing or adding keys, as :func:`tiny`)."""
     return [
         sys.executable,
         "-m",
@@ -63,7 +64,7 @@ def fit_command(archive: Path, out: Path, workers: int = 0) -> list[str]:
         f"data.root={archive}",
         f"data.split_file={archive / '2_fold_split.csv'}",
         f"output_dir={out}",
-        *tiny(*FIT_ARGS, f"data.num_workers={workers}"),
+        *tiny(*FIT_ARGS, f"data.num_workers={workers}", *extra),
     ]
 
 

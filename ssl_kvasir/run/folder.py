@@ -5,7 +5,7 @@
     <run>/
         results.json            the finished run's results record (format ``ssl_kvasir.results/1``)
         run.json                what the run is: its fingerprint (format ``ssl_kvasir.run/1``), written when
-                                the fit starts
+                                the fit starts, and its tracking id (its W&B runs' ids derive from it)
         progress.json           step, epoch and time while the fit trains (``ssl-kvasir status``)
         checkpoints/last.ckpt   the resume point
         checkpoints/best.ckpt   the model selection's choice, which the final test scores
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,8 +249,14 @@ def _check_results(path: Path, r: dict) -> None:
 
 # ---- the identity record -------------------------------------------------------------------------------------
 def write_run_record(folder: RunFolder, fingerprint: Mapping[str, Any]) -> None:
-    """Write ``run.json``: the run's fingerprint."""
-    atomic_write_json(folder.run_record, {"format": RUN_FORMAT, "fingerprint": dict(fingerprint)})
+    """Write ``run.json``: the run's fingerprint, and a tracking id drawn at random once, when the run starts.
+
+    The tracking id names the run's W&B runs (:func:`ssl_kvasir.run.tracking.wandb_logger`), so it travels with
+    the folder: a run moved or copied elsewhere and resumed continues its W&B run, and two folders of the same
+    settings (a repeat) are two W&B runs.
+    """
+    record = {"format": RUN_FORMAT, "fingerprint": dict(fingerprint), "tracking_id": secrets.token_hex(8)}
+    atomic_write_json(folder.run_record, record)
 
 
 def read_run_record(folder: RunFolder) -> dict[str, Any]:
@@ -258,6 +265,23 @@ def read_run_record(folder: RunFolder) -> dict[str, Any]:
     Raises:
         DataError: naming the file when it cannot be read, is of another format, or holds no fingerprint.
     """
+    return dict(_run_record(folder)["fingerprint"])
+
+
+def read_tracking_id(folder: RunFolder) -> str | None:
+    """The tracking id that ``run.json`` records; ``None`` when the folder has no ``run.json`` yet (or one
+    written before run records carried it).
+
+    Raises:
+        DataError: as :func:`read_run_record`.
+    """
+    if not folder.run_record.exists():
+        return None
+    tracking_id = _run_record(folder).get("tracking_id")
+    return tracking_id if isinstance(tracking_id, str) and tracking_id else None
+
+
+def _run_record(folder: RunFolder) -> dict[str, Any]:
     path = folder.run_record
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -272,4 +296,4 @@ def read_run_record(folder: RunFolder) -> dict[str, Any]:
         )
     if not isinstance(data.get("fingerprint"), Mapping):
         raise DataError(f"{path} holds no fingerprint; delete it to start the run afresh")
-    return dict(data["fingerprint"])
+    return data

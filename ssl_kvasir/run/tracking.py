@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_kvasir.names import LabelBudget, backbone_id
 from ssl_kvasir.run import guard
+from ssl_kvasir.run.folder import RunFolder, read_tracking_id
 
 
 def wandb_mode() -> str:
@@ -187,6 +188,14 @@ def close_run(run) -> None:
     wandb.teardown()
 
 
+def release_tracking() -> None:
+    """At the end of a command: wait until W&B has written every run the command finished (as
+    :func:`close_run`), so that their files are whole when it returns; nothing when W&B was not imported."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()
+
+
 def run_name_from_results(results: Mapping[str, Any]) -> str:
     """:func:`run_name` of the run a results record describes."""
     r = results
@@ -210,16 +219,29 @@ def wandb_logger(cfg: DictConfig, out: Path, stage: Mapping[str, Any] | None = N
         save_dir=str(out),
         mode=cfg.logger.mode or wandb_mode(),
         config={**cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)), **identity["config"]},
-        id=_stable_run_id(out),
+        id=wandb_run_id(cfg, out),
         resume="allow",
     )
 
 
-def _stable_run_id(out: Path) -> str:
-    """One W&B run per output folder, so a resumed or requeued job continues its run."""
+def wandb_run_id(cfg: DictConfig, out: Path) -> str:
+    """The W&B run id of the fit in ``out`` (the run's folder ``cfg.output_dir``, or a stage's folder in it):
+    one W&B run per folder, so that a resumed or requeued job continues its run.
+
+    It derives from the run's tracking id (``run.json``, :func:`~ssl_kvasir.run.folder.write_run_record`) and
+    the stage's place in the run, which travel with the folder: a run moved or copied elsewhere and resumed
+    continues its W&B run. A folder whose ``run.json`` has no tracking id (an older run) keeps the id of
+    before, from its absolute path.
+    """
     import hashlib
 
-    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    root = RunFolder(Path(cfg.output_dir))
+    tracking_id = read_tracking_id(root)
+    try:
+        key = f"{tracking_id}/{root.relative(out)}" if tracking_id else None
+    except ValueError:  # not a folder of this run
+        key = None
+    return hashlib.sha1((key or str(out.resolve())).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

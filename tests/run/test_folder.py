@@ -16,6 +16,7 @@ from ssl_kvasir.run.folder import (
     RunFolder,
     read_results,
     read_run_record,
+    read_tracking_id,
     write_results,
     write_run_record,
 )
@@ -97,6 +98,21 @@ def test_the_run_record_is_versioned(tmp_path: Path) -> None:
     folder.run_record.write_text(json.dumps({"fingerprint": {"data.fold": 1}}))
     with pytest.raises(DataError, match="unversioned run record"):
         read_run_record(folder)
+
+
+def test_the_run_record_carries_a_tracking_id_of_its_own(tmp_path: Path) -> None:
+    """Drawn once per run: two runs of the same settings get two ids; a run.json without one (older) has
+    none, and a folder without run.json has none yet."""
+    a, b = RunFolder(tmp_path / "a"), RunFolder(tmp_path / "b")
+    assert read_tracking_id(a) is None
+    for folder in (a, b):
+        folder.root.mkdir()
+        write_run_record(folder, {"data.fold": 1})
+    first = read_tracking_id(a)
+    assert first is not None and len(first) == 16 and int(first, 16) >= 0
+    assert read_tracking_id(a) == first != read_tracking_id(b)
+    a.run_record.write_text(json.dumps({"format": "ssl_kvasir.run/1", "fingerprint": {"data.fold": 1}}))
+    assert read_tracking_id(a) is None and read_run_record(a) == {"data.fold": 1}
 
 
 def test_the_folder_module_imports_no_torch() -> None:

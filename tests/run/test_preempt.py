@@ -102,6 +102,12 @@ def offline_runs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*"))
 
 
+def offline_run_ids(out: Path) -> list[str]:
+    """The W&B run id of each offline segment in ``out`` (``offline-run-<time>-<id>``, with ``-1`` appended by
+    W&B when two segments of a run start within the same second)."""
+    return [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+)(-\d+)?", run.name)[1] for run in offline_runs(out)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGUSR2", "SIGTERM"])
 def test_preempted_fit_checkpoints_requeues_and_resumes_exactly(
@@ -140,10 +146,8 @@ def test_preempted_fit_checkpoints_requeues_and_resumes_exactly(
     progress = json.loads((out / "progress.json").read_text())
     assert progress["step"] == 12 and progress["checkpoint_time"] is not None
     # 4. One W&B run, continued: two offline segments with the same id.
-    # (offline-run-<time>-<id>, with "-1" appended by W&B when both segments start within the same second)
     runs = offline_runs(out)
-    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+)(-\d+)?", run.name)[1] for run in runs]
-    assert len(runs) == 2 and ids[0] == ids[1]
+    assert len(offline_run_ids(out)) == 2 and len(set(offline_run_ids(out))) == 1
     # W&B's own log of the first segment: closed with exit code 0 (not failed), then resumed by id.
     assert "got exitcode: 0" in (runs[0] / "logs" / "debug.log").read_text()
     assert "got exitcode: 0" in (runs[1] / "logs" / "debug.log").read_text()
@@ -245,16 +249,24 @@ def test_killed_fit_resumes_to_the_same_results(synth_archive: Path, tmp_path: P
 def test_a_copied_run_resumes_from_its_own_checkpoints(synth_archive: Path, tmp_path: Path) -> None:
     """Issue 19: a run folder killed after a checkpoint, copied elsewhere and resumed there, reads only its own
     files (the checkpoint callbacks' paths are stored relative to it): with the original folder's checkpoints
-    damaged, the copy still ends exactly where an uninterrupted run ends, model selection included."""
+    damaged, the copy still ends exactly where an uninterrupted run ends, model selection included, and
+    continues the W&B run that the killed fit began (its id travels in run.json, not in the folder's path)."""
     straight, killed, copy = tmp_path / "straight", tmp_path / "killed", tmp_path / "elsewhere" / "copy"
-    run_to_end(fit_command(synth_archive, straight), tmp_path / "straight.log")
+    wandb = ("logger=wandb",)
+    run_to_end(fit_command(synth_archive, straight, extra=wandb), tmp_path / "straight.log")
     log = tmp_path / "killed.log"
-    step = kill_after_first_checkpoint(fit_command(synth_archive, killed), killed, log)
+    step = kill_after_first_checkpoint(fit_command(synth_archive, killed, extra=wandb), killed, log)
     assert 0 < step < TOTAL_STEPS
     shutil.copytree(killed, copy)
     for name in ("best.ckpt", "last.ckpt"):
         (killed / "checkpoints" / name).write_bytes(b"not the copy's checkpoint")
-    run_to_end(fit_command(synth_archive, copy), log)
+    run_to_end(fit_command(synth_archive, copy, extra=wandb), log)
+
+    # Two segments in the copy (the killed fit's, copied, and the resumed one), one W&B run; the uninterrupted
+    # run of the same settings in another folder is another W&B run.
+    [original] = offline_run_ids(killed)
+    assert offline_run_ids(copy) == [original, original]
+    assert offline_run_ids(straight) != [original]
 
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((copy / "results.json").read_text())

@@ -13,7 +13,8 @@ from helpers import tiny
 
 from ssl_kvasir.config import compose
 from ssl_kvasir.pseudo_labels.masking import ClassAdaptiveThreshold
-from ssl_kvasir.run.tracking import run_identity, run_name
+from ssl_kvasir.run.folder import RunFolder, write_run_record
+from ssl_kvasir.run.tracking import run_identity, run_name, wandb_run_id
 
 
 def test_run_names_groups_and_round_job_types() -> None:
@@ -45,6 +46,27 @@ def test_run_names_groups_and_round_job_types() -> None:
 
 
 @pytest.mark.slow
+def test_the_wandb_run_id_travels_with_the_run_folder(tmp_path: Path) -> None:
+    """The id of a run's W&B run (and of each stage's) comes from its run.json and the stage's place in the
+    run, not from the folder's path: moved, it is the same; another folder of the same settings, another."""
+
+    def ids(out: Path) -> tuple[str, str]:
+        cfg = compose("fit", [f"data.root={tmp_path}", f"output_dir={out}"])
+        return wandb_run_id(cfg, out), wandb_run_id(cfg, out / "round_0")
+
+    before = ids(tmp_path / "old")  # no run.json yet (an older folder): from the path
+    assert before != ids(tmp_path / "elsewhere")
+    for name in ("run", "repeat"):
+        (tmp_path / name).mkdir()
+        write_run_record(RunFolder(tmp_path / name), {"seed": 0})
+    run, stage = ids(tmp_path / "run")
+    assert run != stage and len(run) == 16
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "run" / "run.json").rename(tmp_path / "moved" / "run.json")
+    assert ids(tmp_path / "moved") == (run, stage)
+    assert ids(tmp_path / "repeat")[0] != run
+
+
 def test_fixmatch_logs_pseudo_labels_per_class(synth_archive: Path, tmp_path: Path) -> None:
     from ssl_kvasir.run.train import fit
 
