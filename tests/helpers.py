@@ -3,6 +3,7 @@ CLI, and the records of an offline W&B run."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -226,3 +227,84 @@ def training_counts(archive: Path, eval_fold: int):
     index = {c.split_name: i for i, c in enumerate(HYPERKVASIR_CLASSES)}
     train = split[split["split-index"] != eval_fold]
     return np.bincount(train["class-name"].map(index), minlength=23)
+
+
+# ---- the methods' toy problems (tests/methods/conftest.py serves them as fixtures) -----------------------
+C = 5
+"""Classes of the methods' toy problems."""
+LONG_TAIL = (8, 4, 2, 1, 1)
+"""Labeled images per class of the long-tailed toy problem."""
+
+
+def build_method(name: str, counts=(1,) * C, num_unlabeled: int = 8, **settings):
+    """``METHODS[name]`` from its YAML's settings, ``settings`` replacing some, and the facts a DataModule gives
+    (labeled class counts, the unlabeled pool's size), on a small random network; EMA made, in training mode."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ssl_kvasir.methods import METHODS
+    from ssl_kvasir.models import build_network
+
+    datamodule = SimpleNamespace(
+        streams={
+            "lb": SimpleNamespace(labels=np.repeat(np.arange(C), counts)),
+            "ulb": SimpleNamespace(rows=np.arange(num_unlabeled)),
+        },
+        num_classes=C,
+        training_prior=np.array(counts) / sum(counts),  # a uniform sampler: the labeled set's shares
+    )
+    cls = METHODS[name]
+    torch.manual_seed(0)
+    module = cls.from_config(
+        build_network("test_resnet", C),
+        class_names=list("abcde"),
+        max_steps=10,
+        **{**cls.data_kwargs(datamodule), **settings},
+    )
+    module.configure_model()
+    return module.train()
+
+
+def fixed_batch(seed: int = 0, n_lb: int = 4, n_ulb: int = 8, labels: tuple[int, ...] | None = None) -> dict:
+    """Labeled images (weak view; classes ``labels``, by default ``0, 1, ...`` modulo C) and unlabeled ones
+    (weak and strong views, positions, unknown labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "lb": {
+            "weak": torch.randn(n_lb, 3, 32, 32, generator=g),
+            "label": torch.arange(n_lb) % C if labels is None else torch.tensor(labels),
+        },
+        "ulb": {
+            "weak": torch.randn(n_ulb, 3, 32, 32, generator=g),
+            "strong": torch.randn(n_ulb, 3, 32, 32, generator=g),
+            "pos": torch.arange(n_ulb),
+            "label": torch.full((n_ulb,), -1),
+        },
+    }
+
+
+def naive_ce(logits: list[float], target: list[float]) -> float:
+    """-sum_c target_c log softmax(logits)_c, in plain Python."""
+    log_norm = math.log(sum(math.exp(v) for v in logits))
+    return sum(t * (log_norm - v) for t, v in zip(target, logits, strict=True))
+
+
+def naive_softmax(logits: list[float]) -> list[float]:
+    m = max(logits)
+    e = [math.exp(v - m) for v in logits]
+    return [v / sum(e) for v in e]
+
+
+def one_hot(k: int, n: int) -> list[float]:
+    return [float(c == k) for c in range(n)]
+
+
+def long_tailed_method(name: str, num_unlabeled: int = 40, **settings):
+    """:func:`build_method` on the long-tailed toy problem (:data:`LONG_TAIL`, a pool of 40 by default)."""
+    return build_method(name, LONG_TAIL, num_unlabeled, **settings)
+
+
+def long_tailed_batch(seed: int = 0) -> dict:
+    """:func:`fixed_batch` with labeled images of classes 0, 1, 3 and 4 (class 2 unseen in the batch)."""
+    return fixed_batch(seed, labels=(0, 1, 3, 4))

@@ -1,6 +1,6 @@
 """The package's shape: imports go one way (no module imports, even inside a function, a module that imports
 it, or a module of a higher layer: library < run < study < cli), the top level holds the packages and a few
-small modules, and no two modules share a file name."""
+small modules, no two modules share a file name, and each test file is named for the module it tests."""
 
 from __future__ import annotations
 
@@ -131,3 +131,24 @@ def test_library_layers_do_not_import_the_run_layer():
 def test_no_two_modules_share_a_file_name():
     names = Counter(p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
     assert [name for name, n in names.items() if n > 1] == []
+
+
+TESTS = Path(__file__).resolve().parent
+
+NOT_ONE_MODULE = {
+    "test_layout.py": "the package's shape",
+    "methods/test_registry.py": "ssl_kvasir/methods/__init__.py (METHODS: what every registered method shares)",
+    "bench/test_harness.py": "bench/harness.py (the benchmarks' own helpers)",
+}
+"""The test files that test no single module of the package, and what each tests instead."""
+
+
+def test_each_test_file_is_named_for_the_module_it_tests():
+    """``tests/<package>/test_<module>.py`` tests ``ssl_kvasir/<package>/<module>.py`` (or a subpackage)."""
+    unnamed = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        relative = path.relative_to(TESTS)
+        target = PACKAGE.joinpath(*relative.parent.parts, relative.stem.removeprefix("test_"))
+        if not (target.with_suffix(".py").exists() or target.is_dir()):
+            unnamed.append(relative.as_posix())
+    assert unnamed == sorted(NOT_ONE_MODULE)

@@ -1,19 +1,23 @@
 """Self-training's review loop closes: pseudo-labels exported in the authors' format, reviewed, read back by
-self-training, and a reviewed label kept in every round while the teacher labels the rest of the pool."""
+self-training, and a reviewed label kept in every round while the teacher labels the rest of the pool; its
+labeled loss honours the logit adjustment."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny
+import torch
+from helpers import LONG_TAIL, long_tailed_batch, long_tailed_method, naive_ce, one_hot, tiny
 
 from ssl_kvasir.cli import main
 
 pytestmark = pytest.mark.slow
+C = len(LONG_TAIL)
 
 
 def _review(exported: Path, reviewed: Path, keep: int = 4) -> tuple[str, int]:
@@ -84,3 +88,34 @@ def test_reviewed_label_survives_into_round_two(synth_archive, tmp_path, monkeyp
     rows_2 = stages[2][1][0]
     assert len(set(rows_2.tolist()) - reviewed_rows) > 0  # the teacher labelled the rest of the pool
     assert results["rounds"][2]["n_pseudo"] == len(rows_2)
+
+
+def test_self_training_honours_the_logit_adjusted_loss():
+    """Round 0 (labeled images only) and the student rounds (labeled + pseudo-labeled) adjust the labeled loss
+    by the training prior; the pseudo-labeled images keep plain (soft) cross-entropy."""
+    module = long_tailed_method("self_training", loss="logit_adjusted", la_tau=1.5, lambda_pl=0.5)
+    batch = long_tailed_batch()
+    prior = [n / sum(LONG_TAIL) for n in LONG_TAIL]
+    y = [int(v) for v in batch["lb"]["label"]]
+
+    def adjusted(rows):
+        return np.mean(
+            [
+                naive_ce([z + 1.5 * math.log(p) for z, p in zip(row, prior, strict=True)], one_hot(k, C))
+                for row, k in zip(rows, y, strict=True)
+            ]
+        )
+
+    lb_only = {"lb": batch["lb"]}
+    loss = module.training_step(lb_only, 0)
+    assert loss.item() == pytest.approx(adjusted(module.model(batch["lb"]["weak"]).tolist()), rel=1e-5)
+    target = torch.softmax(torch.randn(4, C, generator=torch.Generator().manual_seed(1)), 1)
+    with_pl = {**lb_only, "pl": {"strong": batch["ulb"]["strong"][:4], "target": target}}
+    loss = module.training_step(with_pl, 0)
+    with torch.no_grad():
+        z_lb, z_pl = module.model(torch.cat([batch["lb"]["weak"], with_pl["pl"]["strong"]])).split([4, 4])
+    soft = np.mean([naive_ce(row, t) for row, t in zip(z_pl.tolist(), target.tolist(), strict=True)])
+    assert loss.item() == pytest.approx(adjusted(z_lb.tolist()) + 0.5 * soft, rel=1e-4)
+    assert long_tailed_method("self_training", lambda_pl=0.5).training_step(
+        lb_only, 0
+    ).item() != pytest.approx(adjusted(module.model(batch["lb"]["weak"]).tolist()), rel=1e-3)
