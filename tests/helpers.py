@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,6 +98,26 @@ def kill_after_first_checkpoint(cmd: list[str], out: Path, log: Path) -> int:
 def final_state(out: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     return ckpt["state_dict"]
+
+
+def straight_and_resumed(command: Callable[[Path], list[str]], tmp_path: Path) -> tuple[dict, dict, dict]:
+    """The kill-and-resume comparison: ``command(out)`` run to its end into ``tmp_path/straight``, and into
+    ``tmp_path/killed`` killed after its first checkpoint (mid-training), then run again to its end.
+
+    Checks that both end with exactly the same weights and state (``last.ckpt``), and returns the uninterrupted
+    and the resumed results records, and the final state (for checks of a method's own state)."""
+    import json
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(command(straight), tmp_path / "straight.log")
+    step = kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
+    assert 0 < step < TOTAL_STEPS, f"the kill should land mid-training, the checkpoint is at step {step}"
+    run_to_end(command(killed), tmp_path / "killed.log")
+    sa, sb = final_state(straight), final_state(killed)
+    assert sa.keys() == sb.keys()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    results = [json.loads((out / "results.json").read_text()) for out in (straight, killed)]
+    return results[0], results[1], sa
 
 
 def wandb_records(run: Path) -> list:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import long_tailed_method, tiny
+from helpers import fit_command, long_tailed_method, straight_and_resumed, tiny
 from omegaconf import open_dict
 from torch import nn
 
@@ -158,30 +158,11 @@ def test_fit_writes_and_logs_the_unlabeled_prior(synth_archive, tmp_path, name, 
 def test_killed_fit_resumes_to_the_same_priors_and_results(synth_archive, tmp_path, name):
     """The priors' running sums live in the checkpoint and are folded in at epoch starts: a fit killed after its
     first checkpoint and started again ends with the weights, priors and metrics of an uninterrupted one."""
-    import helpers as resume
-
-    args = [f"method={name}", *EAGER[name]]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-
-    def command(out):
-        return [
-            *resume.fit_command(synth_archive, out)[:4],
-            *_data(synth_archive),
-            f"output_dir={out}",
-            *tiny(*resume.FIT_ARGS, *args),
-        ]
-
-    resume.run_to_end(command(straight), tmp_path / "straight.log")
-    step = resume.kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
-    assert 0 < step < resume.TOTAL_STEPS
-    resume.run_to_end(command(killed), tmp_path / "killed.log")
-    a = json.loads((straight / "results.json").read_text())
-    b = json.loads((killed / "results.json").read_text())
+    a, b, state = straight_and_resumed(
+        lambda out: fit_command(synth_archive, out, extra=(f"method={name}", *EAGER[name])), tmp_path
+    )
     assert b["metrics"] == a["metrics"] and b["confusion_matrix"] == a["confusion_matrix"]
     assert b["unlabeled_prior"] == a["unlabeled_prior"]
-    sa, sb = resume.final_state(straight), resume.final_state(killed)
-    assert sa.keys() == sb.keys()
-    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
     # The priors moved during training (results.json holds those of the selected checkpoint, maybe an early one).
-    (key,) = [k for k in sa if k.endswith(".unlabeled_prior")]
-    assert not torch.allclose(sa[key], torch.full((23,), 1 / 23), atol=1e-4)
+    (key,) = [k for k in state if k.endswith(".unlabeled_prior")]
+    assert not torch.allclose(state[key], torch.full((23,), 1 / 23), atol=1e-4)

