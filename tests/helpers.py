@@ -3,13 +3,14 @@ CLI, and the records of an offline W&B run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,22 +101,41 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+@contextlib.contextmanager
+def running_beside(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """``cmd`` running in the background while the block runs; it must end with status 0 once the block is done
+    (killed if the block fails). Each process of a test is on one thread, so two use the two cores."""
+    with log.open("ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        try:
+            yield proc
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            status = proc.wait(timeout=300)
+    assert status == 0, log.read_text()
+
+
 def straight_and_resumed(command: Callable[[Path], list[str]], tmp_path: Path) -> tuple[dict, dict, dict]:
-    """The kill-and-resume comparison: ``command(out)`` run to its end into ``tmp_path/straight``, and into
-    ``tmp_path/killed`` killed after its first checkpoint (mid-training), then run again to its end.
+    """The kill-and-resume comparison: ``command(out)`` run to its end into ``tmp_path/straight`` and, beside it,
+    into ``tmp_path/killed`` killed after its first checkpoint (mid-training), then run again to its end.
 
     Checks that both end with exactly the same weights and state (``last.ckpt``), and returns the uninterrupted
     and the resumed results records, and the final state (for checks of a method's own state)."""
     import json
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_to_end(command(straight), tmp_path / "straight.log")
-    step = kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
-    assert 0 < step < TOTAL_STEPS, f"the kill should land mid-training, the checkpoint is at step {step}"
-    run_to_end(command(killed), tmp_path / "killed.log")
+    # The uninterrupted run only adds load beside the kill, which makes the kill land earlier, never later.
+    with running_beside(command(straight), tmp_path / "straight.log"):
+        step = kill_after_first_checkpoint(command(killed), killed, tmp_path / "killed.log")
+        assert 0 < step < TOTAL_STEPS, f"the kill should land mid-training, the checkpoint is at step {step}"
+        assert not (killed / "results.json").exists()
+        run_to_end(command(killed), tmp_path / "killed.log")
     sa, sb = final_state(straight), final_state(killed)
     assert sa.keys() == sb.keys()
-    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"weights or state differ after resuming: {different[:5]}"
     results = [json.loads((out / "results.json").read_text()) for out in (straight, killed)]
     return results[0], results[1], sa
 
