@@ -405,7 +405,7 @@ def _composition(argv: list[str]) -> int:
 
 
 def _curves(argv: list[str]) -> int:
-    from ssl_kvasir.run.tracking import close_run, open_curves_run
+    from ssl_kvasir.run.tracking import open_curves_run
     from ssl_kvasir.study.curves import CURVE_METRICS, load_runs, wandb_project, write_curves
 
     p = argparse.ArgumentParser(
@@ -438,7 +438,7 @@ def _curves(argv: list[str]) -> int:
         report = write_curves(a.runs, a.out, metrics=a.metrics, wandb_run=run)
     finally:
         if run is not None:
-            close_run(run)
+            run.finish()  # written to disk before the command returns (main: release_tracking)
     print(report.markdown, end="")
     print("\n".join(f"-> {path}" for path in report.files.values()))
     if logged:
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from ssl_kvasir.run.tracking import release_tracking  # torch-free
 
-        release_tracking()
+        release_tracking()  # the W&B runs this command finished are whole on disk when it returns
 
 
 # Errors of the machine, not of the input: the same command may succeed once space or the device is back.

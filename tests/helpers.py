@@ -4,6 +4,7 @@ CLI, and the records of an offline W&B run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -123,8 +124,6 @@ def straight_and_resumed(command: Callable[[Path], list[str]], tmp_path: Path) -
 
     Checks that both end with exactly the same weights and state (``last.ckpt``), and returns the uninterrupted
     and the resumed results records, and the final state (for checks of a method's own state)."""
-    import json
-
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # The uninterrupted run only adds load beside the kill, which makes the kill land earlier, never later.
     with running_beside(command(straight), tmp_path / "straight.log"):
@@ -249,8 +248,6 @@ def dead_pid() -> int:
 
 def write_lock(folder: Path, **holder) -> None:
     """A lock file in ``folder`` as ``ssl_kvasir.files.hold_lock`` writes it, held by ``holder``."""
-    import json
-
     from ssl_kvasir.files import LOCK_FILE
 
     folder.mkdir(parents=True, exist_ok=True)

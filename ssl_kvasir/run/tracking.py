@@ -174,23 +174,15 @@ def log_analysis(
         name = run.name
     finally:
         if opened:
-            close_run(run)
+            run.finish()
     return name
 
 
-def close_run(run) -> None:
-    """Finish ``run`` and wait until W&B has written it: ``finish`` only tells W&B's service that the run is
-    over, and the service writes an offline run's record (``run-<id>.wandb``) as it closes it, after ``finish``
-    has returned. For a command that opened its own run, so that the run is whole on disk when it returns."""
-    import wandb
-
-    run.finish()
-    wandb.teardown()
-
-
 def release_tracking() -> None:
-    """At the end of a command: wait until W&B has written every run the command finished (as
-    :func:`close_run`), so that their files are whole when it returns; nothing when W&B was not imported."""
+    """At the end of a command: wait until W&B has written every run the command finished, so that their files
+    are whole when it returns (``finish`` only tells W&B's service that a run is over; the service writes an
+    offline run's record, ``run-<id>.wandb``, as it closes the run, after ``finish`` has returned); nothing
+    when W&B was not imported."""
     wandb = sys.modules.get("wandb")
     if wandb is not None:
         wandb.teardown()

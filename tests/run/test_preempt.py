@@ -156,8 +156,8 @@ def test_preempted_fit_checkpoints_requeues_and_resumes_exactly(
     progress = json.loads((out / "progress.json").read_text())
     assert progress["step"] == 12 and progress["checkpoint_time"] is not None
     # 4. One W&B run, continued: two offline segments with the same id.
-    runs = offline_runs(out)
-    assert len(offline_run_ids(out)) == 2 and len(set(offline_run_ids(out))) == 1
+    runs, ids = offline_runs(out), offline_run_ids(out)
+    assert len(ids) == 2 and len(set(ids)) == 1
     # W&B's own log of the first segment: closed with exit code 0 (not failed), then resumed by id.
     assert "got exitcode: 0" in (runs[0] / "logs" / "debug.log").read_text()
     assert "got exitcode: 0" in (runs[1] / "logs" / "debug.log").read_text()

@@ -45,7 +45,6 @@ def test_run_names_groups_and_round_job_types() -> None:
     ]
 
 
-@pytest.mark.slow
 def test_the_wandb_run_id_travels_with_the_run_folder(tmp_path: Path) -> None:
     """The id of a run's W&B run (and of each stage's) comes from its run.json and the stage's place in the
     run, not from the folder's path: moved, it is the same; another folder of the same settings, another."""
@@ -67,6 +66,7 @@ def test_the_wandb_run_id_travels_with_the_run_folder(tmp_path: Path) -> None:
     assert ids(tmp_path / "repeat")[0] != run
 
 
+@pytest.mark.slow
 def test_fixmatch_logs_pseudo_labels_per_class(synth_archive: Path, tmp_path: Path) -> None:
     from ssl_kvasir.run.train import fit
 
